@@ -1,0 +1,161 @@
+"""The ``tunesmith`` command line (click).
+
+Built-in commands live in :mod:`tunesmith.commands`, one module each, imported only
+when run, so ``tunesmith --help`` stays fast. Plugins add commands through the
+``register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from tunesmith import __version__
+
+#: name -> (module, short help). Modules are imported when the command runs.
+BUILTIN_COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("tunesmith.commands.run", "Run the whole pipeline from one config."),
+    "plugins": ("tunesmith.commands.plugins", "List installed plugins by area."),
+    "config": ("tunesmith.commands.config", "Validate a config or print its JSON Schema."),
+    "data": ("tunesmith.commands.data", "Inspect, validate, clean, convert, split and mix data."),
+    "synth": ("tunesmith.commands.synth", "Generate synthetic data and paraphrases."),
+    "train": ("tunesmith.commands.train", "Train a model from a config."),
+    "eval": ("tunesmith.commands.eval", "Evaluate a model, or compare base and tuned."),
+    "export": ("tunesmith.commands.export", "Export an adapter, a merged model or GGUF."),
+    "registry": ("tunesmith.commands.registry", "Version models: list, register, promote, rollback."),
+    "serve": ("tunesmith.commands.serve", "Serve a base model with LoRA adapters (OpenAI-compatible)."),
+    "plan": ("tunesmith.commands.plan", "Recommend an approach; estimate memory and time."),
+    "human-eval": ("tunesmith.commands.human_eval", "Blinded human-evaluation sheets and a rating page."),
+    "ab": ("tunesmith.commands.ab", "A/B test routing and analysis."),
+}
+
+
+class State:
+    """Options of the root command, shared with every sub-command."""
+
+    def __init__(self, strict: bool = False, disable: tuple[str, ...] = ()) -> None:
+        self.strict = strict
+        self.disable = disable
+
+    def registries(self, extra_disable: tuple[str, ...] | list[str] = ()) -> Any:
+        from tunesmith.core.plugins import get_registries
+
+        return get_registries(disable=tuple(self.disable) + tuple(extra_disable), strict=self.strict)
+
+
+def get_state(ctx: click.Context | None = None) -> State:
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+class TunesmithGroup(click.Group):
+    """Built-in commands from the table; plugin commands from ``register_commands``."""
+
+    _plugin_commands: dict[str, click.Command] | None = None
+
+    def _plugins(self, ctx: click.Context) -> dict[str, click.Command]:
+        if self._plugin_commands is None:
+            self._plugin_commands = {}
+            try:
+                from tunesmith.core.plugins import load_plugins
+
+                state = get_state(ctx)
+                # built-in plugins register no commands: skip importing them here
+                pm, _ = load_plugins(
+                    disable=state.disable, strict=state.strict, only=lambda info: info.distribution != "tunesmith"
+                )
+                holder = click.Group()
+                pm.hook.register_commands(cli=holder)
+                self._plugin_commands = dict(holder.commands)
+            except Exception as exc:  # noqa: BLE001 - never let a plugin break the CLI
+                if get_state(ctx).strict:
+                    raise
+                click.echo(f"warning: plugin commands unavailable: {exc}", err=True)
+        return self._plugin_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(BUILTIN_COMMANDS) | set(self.commands)
+        names |= set(self._plugins(ctx))
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        if name in BUILTIN_COMMANDS:
+            module = importlib.import_module(BUILTIN_COMMANDS[name][0])
+            return module.command
+        return self._plugins(ctx).get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in BUILTIN_COMMANDS:
+                rows.append((name, BUILTIN_COMMANDS[name][1]))
+            else:
+                cmd = self.get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(60)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=TunesmithGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="tunesmith")
+@click.option("--strict", is_flag=True, help="Fail when any plugin fails to load or register.")
+@click.option(
+    "--disable",
+    "disable",
+    multiple=True,
+    metavar="ENTRY_POINT",
+    help="Disable a plugin by its entry-point name (repeatable), e.g. --disable cleaner.pii.",
+)
+@click.pass_context
+def cli(ctx: click.Context, strict: bool, disable: tuple[str, ...]) -> None:
+    """tunesmith: fine-tune language models with plugins.
+
+    Every technique (PEFT method, data format, cleaner, loss, evaluator,
+    exporter, model source) is a plugin; `tunesmith plugins` lists them.
+    """
+    ctx.obj = State(strict=strict, disable=disable)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors are one line on stderr and a non-zero exit code."""
+    from tunesmith.core.errors import TunesmithError
+
+    try:
+        cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except TunesmithError as exc:
+        click.echo(f"error: {exc}", err=True)
+        for extra in getattr(exc, "errors", [])[1:]:
+            click.echo(f"  {extra}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("TUNESMITH_DEBUG"):
+            raise
+        last = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
+        click.echo(f"error: {last} (set TUNESMITH_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

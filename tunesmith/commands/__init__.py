@@ -1,0 +1,1 @@
+"""Built-in CLI commands, one module per top-level command; each exposes ``command``."""

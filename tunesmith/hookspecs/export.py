@@ -1,0 +1,50 @@
+"""Hooks for exporting trained models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+from tunesmith._markers import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+
+@hookspec
+def register_exporters(register: Callable[..., None]) -> None:
+    """Register exporters (PEFT adapter folder, merged model, GGUF, ...).
+
+    :param register: call ``register(exporter, replaces=None)`` once per exporter.
+
+    Selected by ``export: [{format: NAME}]`` or ``tunesmith export --format NAME``.
+    An exporter needs ``name``, ``description``, ``Options`` and::
+
+        def export(self, run_dir, output, options, context) -> pathlib.Path
+
+    writing atomically (temporary path, then rename) and refusing an existing
+    ``output`` unless ``options.overwrite``.
+
+    Example::
+
+        @hookimpl
+        def register_exporters(register):
+            register(OnnxExporter())
+    """
+
+
+@hookspec
+def after_export(run: Any, exporter: str, path: "Path") -> None:
+    """Called after an exporter has written its artefact.
+
+    :param run: the :class:`~tunesmith.core.context.RunContext`.
+    :param exporter: the exporter's name.
+    :param path: where the artefact was written.
+    """
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    name: str
+    description: str
+
+    def export(self, run_dir: "Path", output: "Path", options: Any, context: Any) -> "Path": ...

@@ -1,0 +1,105 @@
+"""Hooks for training: losses, reward functions and the training lifecycle."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from tunesmith._markers import hookspec
+
+
+@hookspec
+def register_losses(register: Callable[..., None]) -> None:
+    """Register loss terms; the config lists them with weights and the trainer sums them.
+
+    :param register: call ``register(loss, replaces=None)`` once per loss.
+
+    A loss needs ``name``, ``description``, ``Options``, ``requires`` (the batch
+    kind it needs: ``"tokens"`` or ``"pairs"``; ``None`` for a regulariser that
+    reads no batch) and::
+
+        def setup(self, model, options, context) -> None      # optional
+        def compute(self, model, batch, options, context) -> tuple[Tensor, dict[str, float]]
+
+    returning the unweighted loss and the values to log.
+
+    Example::
+
+        @hookimpl
+        def register_losses(register):
+            register(FocalLoss())
+    """
+
+
+@hookspec
+def register_reward_functions(register: Callable[..., None]) -> None:
+    """Register reward functions for policy optimisation (PPO, GRPO).
+
+    :param register: call ``register(reward, replaces=None)`` once per reward.
+
+    A reward needs ``name``, ``description``, ``Options`` and::
+
+        def score(self, prompts: list[str], completions: list[str], rows: list[dict], options, context) -> list[float]
+
+    Example::
+
+        @hookimpl
+        def register_reward_functions(register):
+            register(CompilesReward())
+    """
+
+
+@hookspec
+def before_train(run: Any) -> None:
+    """Called once before the first training step.
+
+    :param run: the :class:`tunesmith.core.context.RunContext` (config, run
+        directory, model, tokenizer).
+    """
+
+
+@hookspec
+def after_step(run: Any, step: int, logs: dict) -> bool | None:
+    """Called after every optimiser step with the values logged at that step.
+
+    :param run: the :class:`~tunesmith.core.context.RunContext`.
+    :param step: the global step just finished.
+    :param logs: loss terms, learning rate and any other logged values.
+    :return: ``True`` to stop training after this step (early stopping);
+        every implementation is called, and any ``True`` stops.
+    """
+
+
+@hookspec
+def after_train(run: Any, result: dict) -> None:
+    """Called once when training has finished.
+
+    :param run: the :class:`~tunesmith.core.context.RunContext`.
+    :param result: final metrics (``train_loss``, ``steps``, ``runtime_s``, ...)
+        and ``output_path`` of the saved adapter or model.
+    """
+
+
+@hookspec
+def on_train_error(run: Any, error: BaseException) -> None:
+    """Called when training fails, before the error propagates.
+
+    :param run: the :class:`~tunesmith.core.context.RunContext`.
+    :param error: the exception.
+    """
+
+
+@runtime_checkable
+class Loss(Protocol):
+    name: str
+    description: str
+    requires: str | None
+
+    def compute(self, model: Any, batch: Any, options: Any, context: Any) -> tuple[Any, dict]: ...
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    name: str
+    description: str
+
+    def score(self, prompts: list[str], completions: list[str], rows: list[dict], options: Any, context: Any) -> list[float]: ...

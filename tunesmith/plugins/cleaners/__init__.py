@@ -1,0 +1,1 @@
+"""Built-in cleaners plugins, one module per technique, each registered as an entry point."""

@@ -1,0 +1,1 @@
+"""Built-in data plugins, one module per technique, each registered as an entry point."""

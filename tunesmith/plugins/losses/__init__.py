@@ -1,0 +1,1 @@
+"""Built-in losses plugins, one module per technique, each registered as an entry point."""
