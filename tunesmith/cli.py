@@ -50,7 +50,7 @@ class State:
 def get_state(ctx: click.Context | None = None) -> State:
     ctx = ctx or click.get_current_context()
     root = ctx.find_root()
-    if not isinstance(root.obj, State):
+    if not (hasattr(root.obj, "registries") and hasattr(root.obj, "strict")):
         root.obj = State()
     return root.obj
 
@@ -157,5 +157,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
