@@ -33,7 +33,7 @@ def register_exporters(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def after_export(run: Any, exporter: str, path: "Path") -> None:
+def after_export(run: Any, exporter: str, path: Path) -> None:
     """Called after an exporter has written its artefact.
 
     :param run: the :class:`~tunesmith.core.context.RunContext`.
@@ -47,4 +47,4 @@ class Exporter(Protocol):
     name: str
     description: str
 
-    def export(self, run_dir: "Path", output: "Path", options: Any, context: Any) -> "Path": ...
+    def export(self, run_dir: Path, output: Path, options: Any, context: Any) -> Path: ...
