@@ -172,7 +172,8 @@ def _no_gc(model: Any):
     """Turn gradient checkpointing off for a no-grad forward (it warns and saves nothing there)."""
     m = _unwrap(model)
     base = m.get_base_model() if hasattr(m, "get_base_model") else m
-    was = bool(getattr(base, "is_gradient_checkpointing", False))
+    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    was = bool(getattr(base, flag, False))
     if was:
         base.gradient_checkpointing_disable()
     try:
