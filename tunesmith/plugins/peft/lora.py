@@ -1,0 +1,54 @@
+"""LoRA: low-rank adapters on chosen linear layers (peft), rsLoRA optional; mergeable."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith import hookimpl
+from tunesmith.plugins.peft._common import PeftLibraryMethod, target_modules
+
+
+class LoRAOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(16, description="Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Union[list[str], str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved with the adapter.")
+    init_weights: Union[bool, str] = Field(True, description="peft's init_lora_weights (True, 'gaussian', 'pissa', ...).")
+
+
+class LoRA(PeftLibraryMethod):
+    name = "lora"
+    description = "LoRA low-rank adapters (r, alpha, dropout, target modules incl. all-linear, rsLoRA); mergeable"
+    mergeable = True
+    Options = LoRAOptions
+    use_dora = False
+
+    def peft_config(self, model: Any, options: LoRAOptions, context: Any) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=options.r,
+            lora_alpha=options.alpha,
+            lora_dropout=options.dropout,
+            target_modules=target_modules(options.target_modules),
+            bias=options.bias,
+            use_rslora=options.use_rslora,
+            modules_to_save=options.modules_to_save,
+            init_lora_weights=options.init_weights,
+            use_dora=self.use_dora,
+        )
+
+
+@hookimpl
+def register_peft_methods(register):  # type: ignore[no-untyped-def]
+    register(LoRA())
