@@ -115,6 +115,8 @@ class DataSection(Strict):
     mixing: MixingSection = Field(default_factory=MixingSection)
     replay: ReplaySection | None = None
     skip_invalid: bool = False
+    #: how .txt files become records: blank-line separated paragraphs, lines, or whole files
+    text_unit: Literal["paragraph", "line", "file"] = "paragraph"
     #: separate files for evaluation instead of the split's validation/test parts
     validation_path: str | None = None
     test_path: str | None = None
