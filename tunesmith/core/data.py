@@ -541,7 +541,9 @@ def iter_records(
         if skip_invalid:
             if rejects is not None:
                 rejects.append({"stage": "load", "reason": reason, **loc, "raw": raw})
-            log.warning("%s: %s (skipped)", where(loc), reason)
+                log.debug("%s: %s (skipped)", where(loc), reason)
+            else:
+                log.warning("%s: %s (skipped)", where(loc), reason)
             return
         if "line" in loc:
             raise DataError(reason, path=loc["source"], line=loc["line"])
@@ -670,9 +672,10 @@ def write_records(
     from tunesmith.core.io import atomic_open, atomic_write_bytes
 
     p = Path(path)
-    rows: Iterable[dict] = (_strip_location(r, keep_location) for r in records)
     if format:
-        rows = convert_records(rows, format, registries=registries)
+        rows: Iterable[dict] = convert_records(records, format, registries=registries)
+    else:
+        rows = (_strip_location(r, keep_location) for r in records)
     suffix = _suffix(p)
     if suffix in (".jsonl", ".ndjson", ""):
         with atomic_open(p, "w") as fh:

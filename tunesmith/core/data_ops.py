@@ -208,6 +208,11 @@ def chunk_texts(
         raise ConfigError("need chunk_size >= 1 and 0 <= overlap < chunk_size")
     stride = chunk_size - overlap
     items = [({"text": t, "metadata": {}} if isinstance(t, str) else t) for t in texts]
+    for r in items:
+        if not isinstance(r.get("text"), str):
+            from tunesmith.core.data import where
+
+            raise DataError(f"{where(r)}: chunking needs raw text records, got {record_kind(r)}")
     eos = tokenizer.eos_token_id if add_eos else None
     out: list[dict] = []
 
