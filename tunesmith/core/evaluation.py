@@ -441,6 +441,7 @@ def evaluate_run(
     *,
     compare_base: bool = True,
     specs: list[tuple[str, Any]] | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a run: the tuned model in ``run_dir/final`` against the base model.
 
@@ -471,10 +472,36 @@ def evaluate_run(
             base = models.load_model_and_tokenizer(cfg, registries)
     ctx.state["base_model"], ctx.state["base_tokenizer"] = (base if base else (None, None))
     report = compare_models(
-        base, tuned, specs, registries, rd.eval_dir, context=ctx, base_from_adapter=from_adapter,
+        base, tuned, specs, registries, Path(out_dir) if out_dir else rd.eval_dir, context=ctx, base_from_adapter=from_adapter,
         metrics_path=rd.metrics_path, meta=meta,
     )
     main = report["tuned"] or report["base"]
     report["metrics"] = {n: r.get("metrics", {}) for n, r in main.items()}
-    report["eval_dir"] = str(rd.eval_dir)
+    report["eval_dir"] = str(Path(out_dir) if out_dir else rd.eval_dir)
     return report
+
+
+def load_any_model(spec: str, registries: Any) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description) from ``default`` / ``source:NAME``, a run
+    directory or its ``final/`` folder, a transformers folder or a ``.gguf`` file."""
+    from tunesmith.core import models
+    from tunesmith.core.config import ModelSection
+
+    if spec == "default" or spec.startswith("source:"):
+        src = "default" if spec == "default" else spec.split(":", 1)[1]
+        model, tok = models.load_model_and_tokenizer(ModelSection(source=src), registries)
+        return model, tok, f"model source '{src}'"
+    p = Path(spec).expanduser()
+    if (p / models.INFO_FILE).exists() or (p / "final" / models.INFO_FILE).exists():
+        model, tok, info = models.load_trained(p, registries=registries)
+        return model, tok, f"trained run {p}"
+    if (p / "config.json").exists():
+        model, tok = models.load_from_dir(p)
+        return model, tok, f"model folder {p}"
+    if p.suffix == ".gguf" and p.exists():
+        model, tok = models.load_from_dir(models.convert_gguf(p))
+        return model, tok, f"GGUF {p}"
+    raise TunesmithError(
+        f"cannot load a model from '{spec}'",
+        hint="give 'default', 'source:NAME', a run directory, a transformers folder or a .gguf file",
+    )
