@@ -1,0 +1,810 @@
+"""Supervised training (SFT, continued pre-training) on transformers' Trainer.
+
+``train(cfg, registries, resume=False)`` is the entry point; it dispatches on
+``cfg.objective``: ``sft``/``cpt`` here, ``dpo``/``reward`` to
+:mod:`tunesmith.core.preference`, ``ppo``/``grpo`` to :mod:`tunesmith.core.rl`.
+
+Reusable pieces (the preference and RL trainers build on them)
+---------------------------------------------------------------
+* :func:`prepare_model` - load the base model, apply the PEFT method, print the
+  trainable share; returns ``(model, tokenizer, method, base_dir)``.
+* :func:`build_training_arguments` - ``TrainingArguments`` from ``cfg.training``
+  (checkpoints under ``RUN/checkpoints``, precision, schedules, eval/save cadence);
+  keyword overrides win.
+* :class:`TunesmithTrainer` - a ``transformers.Trainer`` whose loss is the weighted
+  sum of the configured loss plugins, with atomic checkpoints.
+* :func:`standard_callbacks` - metrics.jsonl + TensorBoard, loss PNG, progress bar
+  (loss, tokens/s, ETA), lifecycle hooks, early stopping.
+* :func:`save_final` - ``RUN/final/``: adapter or model, tokenizer, ``tunesmith.json``.
+* :func:`last_checkpoint` - the newest *complete* checkpoint of a run.
+
+The loss contract
+-----------------
+Each configured loss (``losses: [{name, weight, ...}]``; default ``causal_lm``)
+is a plugin with ``compute(model, batch, options, context) -> (tensor, logs)``.
+``batch`` is a :class:`LossBatch`: a dict of the collated tensors (``input_ids``,
+``labels``, ``attention_mask`` or ``position_ids``; a pairs trainer puts its own
+keys) with attributes
+
+* ``num_items_in_batch`` - labelled tokens (after the causal shift) of the whole
+  *accumulated* batch over every device, or None;
+* ``accumulation_steps`` and ``world_size``;
+* ``forward(model)`` - the model's forward pass on the batch, run once and shared
+  by every loss (it passes ``labels`` and ``num_items_in_batch``, so
+  ``outputs.loss`` is the token-weighted cross-entropy).
+
+Scaling: a loss that normalises by ``num_items_in_batch`` sets
+``scaled_for_accumulation = True`` on the plugin object (the trainer then scales
+it by the world size, as DDP averages gradients); any other term (a per-batch
+mean, a regulariser like EWC that reads no batch) is divided by the accumulation
+steps by the trainer. The total is ``sum(weight_i * term_i)``; each term is
+logged as ``loss/<name>``. ``requires`` of a loss must match the batch kind
+(``"tokens"`` here; ``None`` fits any). ``setup(model, options, context)`` runs
+once before training when the plugin has it. ``context`` is the
+:class:`~tunesmith.core.context.RunContext`; ``context.state`` is shared.
+
+A PEFT method may offer ``callbacks(options, context) -> list[TrainerCallback]``
+(gradual unfreezing uses it). Lifecycle hooks: ``before_train(run)``,
+``after_step(run, step, logs)`` (any ``True`` stops training, as does
+``run.request_stop(reason)``), ``after_train(run, result)``,
+``on_train_error(run, error)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tunesmith.core.context import RunContext
+from tunesmith.core.errors import ConfigError, DataError, TunesmithError
+from tunesmith.core.io import atomic_dir, atomic_open, atomic_write_json, atomic_write_text
+from tunesmith.core.rundir import RunDir
+
+log = logging.getLogger("tunesmith.training")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- learning rate
+LR_BASE = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
+
+
+def auto_learning_rate(method: str, n_params: int, n_examples: int, *, objective: str = "sft") -> tuple[float, str]:
+    """The usual rule: full 1e-5, LoRA/QLoRA/DoRA 2e-4, other methods 1e-4; x0.5 above
+    30B parameters, x0.7 above 10B; x1.2 above 100k examples, x0.8 below 1k."""
+    base = LR_BASE.get(method, 1e-4)
+    parts = [f"{base:g} ({method})"]
+    lr = base
+    if n_params > 30e9:
+        lr *= 0.5
+        parts.append("x0.5 (> 30B parameters)")
+    elif n_params > 10e9:
+        lr *= 0.7
+        parts.append("x0.7 (> 10B parameters)")
+    if n_examples > 100_000:
+        lr *= 1.2
+        parts.append("x1.2 (> 100k examples)")
+    elif n_examples < 1000:
+        lr *= 0.8
+        parts.append("x0.8 (< 1k examples)")
+    return lr, " ".join(parts) + f" = {lr:.3g}"
+
+
+# --------------------------------------------------------------------------- model
+def peft_options(cfg: Any, method: Any) -> Any:
+    opts = cfg.peft._options
+    if opts is None and getattr(method, "Options", None) is not None:
+        opts = method.Options.model_validate(cfg.peft.plugin_fields())
+    return opts
+
+
+def prepare_model(cfg: Any, registries: Any, context: RunContext | None = None) -> tuple[Any, Any, Any, Path]:
+    """Load the base model and apply ``cfg.peft``; returns (model, tokenizer, method, base_dir)."""
+    from tunesmith.core.models import describe_trainable, load_from_dir, pick_dtype, resolve_model_dir
+
+    method = registries.peft_methods.get(cfg.peft.method)
+    options = peft_options(cfg, method)
+    base_dir = resolve_model_dir(cfg, registries)
+    quant = method.quantization_config(options) if hasattr(method, "quantization_config") else None
+    dtype = cfg.model.dtype
+    if dtype == "auto" and cfg.training.precision in ("fp32",):
+        dtype = "float32"
+    model, tok = load_from_dir(
+        base_dir, dtype=pick_dtype(dtype), attn_implementation=cfg.model.attn_implementation, quantization=quant,
+    )
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    model = method.apply(model, options, context)
+    if context is not None:
+        context.model, context.tokenizer = model, tok
+        context.state["base_params"] = n_params
+    _say(describe_trainable(model, method))
+    return model, tok, method, base_dir
+
+
+# --------------------------------------------------------------------------- data
+def training_records(cfg: Any, registries: Any, run: RunDir) -> tuple[list[dict], list[dict], str]:
+    """(train records, eval records, where they came from).
+
+    Prefers the prepared split of the run (``RUN/data/train.jsonl`` and
+    ``validation.jsonl``, written by ``tunesmith data``/``run``); otherwise reads
+    ``data.path`` / ``data.sources`` as they are, with ``data.validation_path`` for
+    evaluation.
+    """
+    from tunesmith.core.data import load_records
+
+    fmt_kw = {"registries": registries}
+    train_file = run.data_dir / "train.jsonl"
+    if train_file.exists():
+        train = load_records(train_file, **fmt_kw)
+        source = str(train_file)
+        val_file = run.data_dir / "validation.jsonl"
+        evals = load_records(val_file, **fmt_kw) if val_file.exists() else []
+    else:
+        paths: list[tuple[str, str]] = []
+        if cfg.data.path:
+            paths.append((cfg.data.path, cfg.data.format))
+        for s in cfg.data.sources or []:
+            paths.append((s.path, s.format))
+        if not paths:
+            raise ConfigError("no training data: set data.path (or data.sources)", key="data.path", source=cfg.source)
+        train = []
+        for p, f in paths:
+            train.extend(load_records(cfg.resolve_path(p), format=f, skip_invalid=cfg.data.skip_invalid, **fmt_kw))
+        source = ", ".join(p for p, _ in paths)
+        evals = []
+        if cfg.data.validation_path:
+            evals = load_records(cfg.resolve_path(cfg.data.validation_path), **fmt_kw)
+    if not train:
+        raise DataError("the training data is empty", path=source)
+    return train, evals, source
+
+
+def _record_kind(r: dict) -> str:
+    if "messages" in r:
+        return "chat"
+    if "chosen" in r:
+        return "pairs"
+    if "text" in r:
+        return "text"
+    return "unknown"
+
+
+def tokenize_records(records: list[dict], tokenizer: Any, cfg: Any, *, objective: str | None = None) -> tuple[list[dict], dict]:
+    """Token examples (``input_ids``, ``labels``) for sft or cpt, and counts."""
+    from tunesmith.core.render import chunk_tokens, render_chat, render_text
+
+    t = cfg.training
+    objective = objective or cfg.objective
+    stats = {"records": len(records), "truncated": 0, "dropped_no_labels": 0}
+    if objective == "cpt":
+        seqs = []
+        for r in records:
+            kind = _record_kind(r)
+            text = r["text"] if kind == "text" else tokenizer.apply_chat_template(r["messages"], tokenize=False) if kind == "chat" else None
+            if text is None:
+                raise DataError("continued pre-training needs text or chat records, got preference pairs")
+            seqs.append(render_text(tokenizer, text)["input_ids"])
+        out = chunk_tokens(seqs, t.max_length)
+        stats["examples"] = len(out)
+        return out, stats
+    out = []
+    for r in records:
+        kind = _record_kind(r)
+        if kind == "chat":
+            ex = render_chat(tokenizer, r["messages"], max_length=t.max_length,
+                             completion_only=t.completion_only_loss, train_on_eos=t.train_on_eos)
+        elif kind == "text":
+            ex = render_text(tokenizer, r["text"], max_length=t.max_length)
+        else:
+            raise DataError(
+                f"objective '{objective}' needs chat or text records, got {kind}",
+                hint="preference pairs train with objective: dpo or reward",
+            )
+        stats["truncated"] += int(ex["truncated"])
+        if ex["n_labels"] == 0:
+            stats["dropped_no_labels"] += 1
+            continue
+        out.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+    if stats["dropped_no_labels"]:
+        _say(f"warning: {stats['dropped_no_labels']} examples have no trainable token after truncation to {t.max_length} and were dropped")
+    if stats["truncated"]:
+        _say(f"warning: {stats['truncated']} examples were truncated to max_length {t.max_length}")
+    if not out:
+        raise DataError("no example has a trainable (assistant) token", hint="check the roles and training.max_length")
+    stats["examples"] = len(out)
+    return out, stats
+
+
+class ListDataset:
+    """A map-style dataset over a list of dicts (what the Trainer needs)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def build_datasets(examples: list[dict], cfg: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(dataset, collator) for the configured packing mode."""
+    from tunesmith.core.render import TokenCollator, pack_examples
+
+    mode = cfg.training.packing
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if mode is True or mode == "pack":
+        return ListDataset(pack_examples(examples, cfg.training.max_length)), TokenCollator(pad)
+    if mode == "padding_free":
+        return ListDataset(examples), TokenCollator(pad, padding_free=True)
+    return ListDataset(examples), TokenCollator(pad)
+
+
+# --------------------------------------------------------------------------- arguments
+def precision_flags(precision: str) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "bf16" and not cuda:
+        # bf16 autocast runs on CPU too, but is slower than fp32 on most CPUs: allowed when asked
+        return {"bf16": True, "fp16": False, "use_cpu": True}
+    if precision == "fp16" and not cuda:
+        raise ConfigError("fp16 needs a CUDA GPU; use precision: fp32 or bf16 on CPU", key="training.precision")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
+
+
+def build_training_arguments(cfg: Any, run_dir: str | Path | RunDir, *, has_eval: bool = False, learning_rate: float | None = None, **overrides: Any) -> Any:
+    """``TrainingArguments`` for ``cfg.training``; ``overrides`` win (e.g. ``output_dir``)."""
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    lr = learning_rate if learning_rate is not None else (t.learning_rate if t.learning_rate != "auto" else 2e-4)
+    flags = precision_flags(t.precision)
+    cuda = torch.cuda.is_available()
+    eval_on = has_eval and t.eval_steps > 0
+    save_steps = t.save_steps
+    load_best = bool(t.load_best_model_at_end and eval_on)
+    if load_best and save_steps % t.eval_steps:
+        save_steps = max(t.eval_steps, (save_steps // t.eval_steps) * t.eval_steps)
+    sched_kwargs = dict(getattr(t, "lr_scheduler_kwargs", None) or {})
+    warmup: float | int = t.warmup_steps if t.warmup_steps > 0 else float(t.warmup_ratio)
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run.checkpoints_dir),
+        num_train_epochs=float(t.epochs),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=float(lr),
+        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=sched_kwargs,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        tf32=bool(t.tf32) if cuda else None,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=t.eval_steps if eval_on else None,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=load_best,
+        metric_for_best_model="eval_loss" if load_best or eval_on else None,
+        greater_is_better=False if eval_on else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=t.num_workers,
+        remove_unused_columns=False,
+        report_to="none",  # tunesmith writes TensorBoard and metrics.jsonl itself
+        disable_tqdm=True,  # replaced by the progress callback (loss, tokens/s, ETA)
+        train_sampling_strategy="group_by_length" if t.packing == "group_by_length" else "random",
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        **flags,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+# --------------------------------------------------------------------------- trainer
+class LossBatch(dict):
+    """The collated batch plus what a loss needs to scale itself (see the module docstring)."""
+
+    num_items_in_batch: Any = None
+    accumulation_steps: int = 1
+    world_size: int = 1
+    _outputs: Any = None
+
+    def forward(self, model: Any) -> Any:
+        if self._outputs is None:
+            kwargs = {k: v for k, v in self.items() if k in ("input_ids", "attention_mask", "position_ids", "labels", "inputs_embeds")}
+            if self.num_items_in_batch is not None and "labels" in kwargs:
+                kwargs["num_items_in_batch"] = self.num_items_in_batch
+            self._outputs = model(**kwargs, use_cache=False)
+        return self._outputs
+
+
+def make_trainer_class() -> type:
+    """The Trainer subclass (built lazily so importing this module stays light)."""
+    from transformers import Trainer
+
+    class _TunesmithTrainer(Trainer):
+        """transformers' Trainer with pluggable weighted losses and atomic checkpoints.
+
+        ``losses`` is a list of ``(name, plugin, options, weight)``; ``run`` the RunContext.
+        """
+
+        def __init__(self, *args: Any, losses: list[tuple[str, Any, Any, float]] | None = None,
+                     run: RunContext | None = None, batch_kind: str = "tokens", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not losses:
+                from tunesmith.plugins.losses.causal_lm import CausalLM
+
+                losses = [("causal_lm", CausalLM(), None, 1.0)]
+            self.tunesmith_losses = losses
+            self.run = run
+            self.batch_kind = batch_kind
+            self.loss_is_scaled_for_ga = True
+            self._term_sums: dict[str, float] = {}
+            self._last_log_step = 0
+            self.tokens_seen = 0
+
+        # -- loss -------------------------------------------------------
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            batch = LossBatch(inputs)
+            batch.num_items_in_batch = num_items_in_batch
+            batch.accumulation_steps = self.current_gradient_accumulation_steps if model.training else 1
+            world = self.accelerator.num_processes
+            batch.world_size = world
+            if model.training:
+                if "attention_mask" in inputs:
+                    self.tokens_seen += int(inputs["attention_mask"].sum())
+                elif "input_ids" in inputs:
+                    self.tokens_seen += int(inputs["input_ids"].numel())
+            total = None
+            for name, plugin, options, weight in self.tunesmith_losses:
+                value, logs = plugin.compute(model, batch, options, self.run)
+                scaled = bool(getattr(plugin, "scaled_for_accumulation", False)) and num_items_in_batch is not None
+                if model.training:
+                    if scaled:
+                        if self.args.average_tokens_across_devices and world > 1:
+                            value = value * world
+                    else:
+                        value = value / batch.accumulation_steps
+                    self._term_sums[f"loss/{name}"] = self._term_sums.get(f"loss/{name}", 0.0) + float(value.detach())
+                    for k, v in (logs or {}).items():
+                        key = f"{name}/{k}"
+                        self._term_sums[key] = self._term_sums.get(key, 0.0) + float(v) / batch.accumulation_steps
+                term = value * weight if weight != 1.0 else value
+                total = term if total is None else total + term
+            if return_outputs:
+                return total, batch._outputs
+            return total
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            if "loss" in logs and self._term_sums:
+                steps = max(1, self.state.global_step - self._last_log_step)
+                if len(self.tunesmith_losses) > 1 or any(not k.startswith("loss/") for k in self._term_sums):
+                    for k, v in self._term_sums.items():
+                        logs[k] = round(v / steps, 6)
+                self._term_sums = {}
+                self._last_log_step = self.state.global_step
+            super().log(logs, start_time) if start_time is not None else super().log(logs)
+
+        # -- atomic checkpoints ------------------------------------------
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            step = self.state.global_step
+            final_parent = Path(self.args.output_dir)
+            staging_parent = final_parent / f".staging-{step}"
+            orig = self._get_output_dir
+            self._get_output_dir = lambda trial=None: str(staging_parent)  # type: ignore[method-assign]
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._get_output_dir = orig  # type: ignore[method-assign]
+            name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            if self.state.best_global_step:
+                best = final_parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+                if self.state.best_global_step == step or best.exists():
+                    self.state.best_model_checkpoint = str(best)
+            if self.args.should_save:
+                staged = staging_parent / name
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+                (staged / "COMPLETE").write_text(str(step), encoding="utf-8")
+                target = final_parent / name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staged, target)
+                shutil.rmtree(staging_parent, ignore_errors=True)
+                try:
+                    fd = os.open(final_parent, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+                except OSError:
+                    pass
+                _rotate(final_parent, self.args.save_total_limit, self.state.best_model_checkpoint)
+            if self.args.parallel_mode.value == "distributed":
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.barrier()
+
+    return _TunesmithTrainer
+
+
+def _rotate(folder: Path, limit: int | None, best: str | None) -> None:
+    if not limit or limit <= 0:
+        return
+    cps = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)),
+        key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)),  # type: ignore[union-attr]
+    )
+    keep = set(cps[-limit:])
+    if best and Path(best) in cps:
+        keep.add(Path(best))
+        while len(keep) > max(limit, 2 if limit == 1 else limit):
+            oldest = min((p for p in keep if str(p) != best), key=lambda p: int(p.name.split("-")[1]))
+            keep.discard(oldest)
+    for p in cps:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _LazyTrainer:
+    """``TunesmithTrainer`` resolves to the Trainer subclass on first use."""
+
+    _cls: type | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.cls(*args, **kwargs)
+
+    @property
+    def cls(self) -> type:
+        if _LazyTrainer._cls is None:
+            _LazyTrainer._cls = make_trainer_class()
+        return _LazyTrainer._cls
+
+    def __instancecheck__(self, obj: Any) -> bool:
+        return isinstance(obj, self.cls)
+
+
+#: ``TunesmithTrainer(model=..., args=..., losses=[(name, plugin, options, weight)], run=ctx, ...)``
+TunesmithTrainer = _LazyTrainer()
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (``checkpoint-N`` with its trainer state)."""
+    run = RunDir(Path(run_dir))
+    folder = run.checkpoints_dir if run.checkpoints_dir.exists() else Path(run_dir)
+    if not folder.exists():
+        return None
+    cps = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").exists()]
+    if not cps:
+        return None
+    return max(cps, key=lambda p: int(p.name.split("-")[1]))
+
+
+# --------------------------------------------------------------------------- callbacks
+def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: bool, total_tokens_hint: int | None = None) -> list[Any]:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Metrics(TrainerCallback):
+        """metrics.jsonl (rewritten atomically), TensorBoard scalars, loss.png."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+            self.tb = None
+            self.t0 = time.time()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            if run.metrics_path.exists():  # resumed: keep rows up to the checkpoint's step
+                for line in run.metrics_path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row.get("step", 0) <= state.global_step:
+                        self.rows.append(row)
+            if "tensorboard" in (cfg.training.report_to or []):
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(log_dir=str(run.tensorboard_dir))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("TensorBoard disabled: %s", exc)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time_s": round(time.time() - self.t0, 2)}
+            row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
+            self.rows.append(row)
+            atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            if self.tb is not None:
+                for k, v in logs.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.tb.add_scalar(k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"), v, state.global_step)
+                self.tb.flush()
+            if "eval_loss" in logs:
+                plot_loss(self.rows, run.plots_dir / "loss.png")
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            plot_loss(self.rows, run.plots_dir / "loss.png")
+            if self.tb is not None:
+                self.tb.close()
+
+    class Progress(TrainerCallback):
+        """A tqdm bar: loss, real tokens/s and ETA."""
+
+        def __init__(self) -> None:
+            self.bar = None
+            self.t0 = 0.0
+            self.tok0 = 0
+            self.loss = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero and os.environ.get("TUNESMITH_NO_PROGRESS") != "1":
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+            self.t0 = time.time()
+            self.tok0 = context.state.get("trainer").tokens_seen if context.state.get("trainer") else 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is None:
+                return
+            tr = context.state.get("trainer")
+            dt = max(time.time() - self.t0, 1e-6)
+            tps = ((tr.tokens_seen - self.tok0) if tr else 0) / dt
+            post = {"tok/s": f"{tps:.0f}"}
+            if self.loss is not None:
+                post["loss"] = f"{self.loss:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    class Hooks(TrainerCallback):
+        """Lifecycle hooks: after_step each step; any True (or run.request_stop) stops."""
+
+        def __init__(self) -> None:
+            self.last_logs: dict = {}
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs:
+                self.last_logs = dict(logs)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            results = context.emit("after_step", step=state.global_step, logs=dict(self.last_logs))
+            self.last_logs = {}
+            if any(r is True for r in results):
+                context.stop_reason = context.stop_reason or "a plugin's after_step asked to stop"
+            if context.stop_reason:
+                control.should_training_stop = True
+                control.should_save = True
+
+    cbs: list[Any] = [Metrics(), Progress(), Hooks()]
+    es = cfg.training.early_stopping
+    if has_eval and es is not None and cfg.training.eval_steps > 0:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=es.patience, early_stopping_threshold=es.threshold))
+    return cbs
+
+
+def plot_loss(rows: list[dict], path: Path) -> Path | None:
+    """Train and eval loss against the step, as a PNG (written atomically)."""
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- saving
+def save_final(model: Any, tokenizer: Any, method: Any, run: RunDir, info: dict) -> Path:
+    """Write ``RUN/final/`` atomically: adapter/model, tokenizer, tunesmith.json."""
+    from tunesmith.core.models import INFO_FILE
+
+    inner = model
+    with atomic_dir(run.final_dir, overwrite=True) as tmp:
+        if hasattr(inner, "config"):
+            inner.config.use_cache = True
+        method.save(inner, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / INFO_FILE, info)
+    return run.final_dir
+
+
+def _losses_for(cfg: Any, registries: Any, batch_kind: str) -> list[tuple[str, Any, Any, float]]:
+    specs = cfg.losses if cfg.losses else None
+    out = []
+    if specs is None:
+        plugin = registries.losses.get("causal_lm")
+        opts = plugin.Options() if getattr(plugin, "Options", None) else None
+        return [("causal_lm", plugin, opts, 1.0)]
+    for i, spec in enumerate(specs):
+        plugin = registries.losses.get(spec.name)
+        req = getattr(plugin, "requires", None)
+        if req is not None and req != batch_kind:
+            raise ConfigError(
+                f"the loss '{spec.name}' needs '{req}' batches, but objective '{cfg.objective}' gives '{batch_kind}' batches",
+                key=f"losses.{i}.name", source=cfg.source,
+            )
+        opts = spec._options
+        if opts is None and getattr(plugin, "Options", None) is not None:
+            opts = plugin.Options.model_validate(spec.plugin_fields())
+        out.append((spec.name, plugin, opts, float(spec.weight)))
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+def train(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
+    """Train as ``cfg`` says; returns the result (also passed to ``after_train``)."""
+    if registries is None:
+        from tunesmith.core.plugins import get_registries
+
+        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
+    if cfg.objective in ("dpo", "reward"):
+        from tunesmith.core import preference
+
+        fn = preference.train_dpo if cfg.objective == "dpo" else preference.train_reward
+        return fn(cfg, registries, resume=resume)
+    if cfg.objective in ("ppo", "grpo"):
+        from tunesmith.core import rl
+
+        fn = rl.train_ppo if cfg.objective == "ppo" else rl.train_grpo
+        return fn(cfg, registries, resume=resume)
+    return train_supervised(cfg, registries, resume=resume, run_dir=run_dir)
+
+
+def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
+    import torch
+    from transformers import set_seed
+
+    run = RunDir(Path(run_dir)) if run_dir else RunDir.for_config(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(run.root)
+        if checkpoint is None:
+            _say(f"--resume: no complete checkpoint in {run.checkpoints_dir}; starting from the beginning")
+        else:
+            _say(f"resuming from {checkpoint}")
+    elif run.checkpoints_dir.exists() and any(CHECKPOINT_RE.match(p.name) for p in run.checkpoints_dir.iterdir()):
+        if rank0:
+            _say(f"note: {run.checkpoints_dir} has checkpoints of an earlier run; they are replaced (use --resume to continue)")
+            shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+            if run.metrics_path.exists():
+                run.metrics_path.unlink()
+    if rank0:
+        run.ensure()
+        run.write_config(cfg)
+    set_seed(cfg.training.seed)
+    context = RunContext(config=cfg, run_dir=run.root, registries=registries)
+    model, tok, method, base_dir = prepare_model(cfg, registries, context)
+    train_recs, eval_recs, source = training_records(cfg, registries, run)
+    examples, stats = tokenize_records(train_recs, tok, cfg)
+    eval_examples = tokenize_records(eval_recs, tok, cfg)[0] if eval_recs else []
+    train_ds, collator = build_datasets(examples, cfg, tok)
+    eval_ds = build_datasets(eval_examples, cfg, tok)[0] if eval_examples else None
+    if cfg.training.packing is True:
+        eval_ds = ListDataset(eval_examples) if eval_examples else None
+    # learning rate
+    lr = cfg.training.learning_rate
+    if lr == "auto":
+        lr, why = auto_learning_rate(cfg.peft.method, context.state.get("base_params", 0), len(train_recs), objective=cfg.objective)
+        _say(f"learning_rate auto: {why}")
+    args = build_training_arguments(cfg, run, has_eval=eval_ds is not None, learning_rate=float(lr))
+    method_opts = peft_options(cfg, method)
+    batch_kind = "tokens"
+    losses = _losses_for(cfg, registries, batch_kind)
+    trainer = TunesmithTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tok, losses=losses, run=context, batch_kind=batch_kind,
+        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
+    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
+        trainer.add_callback(cb)
+    context.state["trainer"] = trainer
+    for name, plugin, options, _w in losses:
+        if hasattr(plugin, "setup"):
+            plugin.setup(model, options, context)
+    context.emit("before_train")
+    t0 = time.time()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException as exc:
+        context.emit("on_train_error", error=exc)
+        raise
+    runtime = time.time() - t0
+    result: dict[str, Any] = {
+        "run_dir": str(run.root),
+        "output_path": str(run.final_dir),
+        "train_loss": float(out.training_loss),
+        "steps": int(trainer.state.global_step),
+        "runtime_s": round(runtime, 2),
+        "tokens": int(trainer.tokens_seen),
+        "tokens_per_s": round(trainer.tokens_seen / max(runtime, 1e-9), 1),
+        "learning_rate": float(lr),
+        "examples": stats.get("examples"),
+        "data": source,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "stop_reason": context.stop_reason,
+    }
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if evals:
+        result["eval_loss"] = float(evals[-1]["eval_loss"])
+        result["best_eval_loss"] = float(min(r["eval_loss"] for r in evals))
+    if trainer.is_world_process_zero():
+        info = {
+            "base_model_dir": str(base_dir),
+            "model": cfg.model.model_dump(mode="json") | (cfg.model._options.model_dump(mode="json") if cfg.model._options is not None else {}),
+            "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {}, "mergeable": bool(getattr(method, "mergeable", False))},
+            "objective": cfg.objective,
+            "max_length": cfg.training.max_length,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "chat_template": bool(getattr(tok, "chat_template", None)),
+            "steps": result["steps"],
+            "train_loss": result["train_loss"],
+            "config_hash": cfg.hash(),
+        }
+        save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
+        atomic_write_json(run.root / "train_result.json", result)
+    context.emit("after_train", result=result)
+    _say(f"trained {result['steps']} steps in {runtime:.0f}s; loss {result['train_loss']:.4f}; saved {run.final_dir}")
+    return result
