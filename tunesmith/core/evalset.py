@@ -247,44 +247,25 @@ def render_for_loss(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one row; labels are -100 outside the scored tokens.
 
-    With ``completion_only`` only the assistant turns are scored (the label mask
-    training uses); a text row scores every token after the first.
+    The same rendering training uses (:mod:`tunesmith.core.render`): with
+    ``completion_only`` only the assistant turns and their end-of-turn token are
+    scored; a text row scores every token (with EOS appended).
     """
+    from tunesmith.core.render import render_chat, render_text
+
     if row.text is not None and row.prompt is None:
-        enc = tokenizer(row.text, add_special_tokens=True, truncation=True, max_length=max_length)
-        ids = list(enc["input_ids"])
-        return ids, list(ids)
-    msgs = row.messages or []
-    if not (chat_template and has_chat_template(tokenizer)):
-        prompt = render_prompt(tokenizer, row.prompt or [], chat_template=False)
-        answer = (row.expected or "") + (tokenizer.eos_token or "")
-        full, spans = prompt + answer, [(len(prompt), len(prompt) + len(answer))]
-    else:
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            before = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
-            if full.startswith(upto) and upto.startswith(before):
-                # the answer and the stop token right after it; not the template's
-                # trailing newline (training's label mask ends at the stop token too)
-                end = upto.rfind(m["content"], len(before))
-                end = len(upto) if end < 0 else end + len(m["content"])
-                eos = tokenizer.eos_token or ""
-                if eos and upto.startswith(eos, end):
-                    end += len(eos)
-                spans.append((len(before), end))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
-    ids = list(enc["input_ids"])
-    if not completion_only:
-        return ids, list(ids)
-    labels = [-100] * len(ids)
-    for j, (s, e) in enumerate(enc["offset_mapping"]):
-        if any(a <= s < b for a, b in spans) and e > s:
-            labels[j] = ids[j]
-    return ids, labels
+        enc = render_text(tokenizer, row.text, max_length=max_length)
+        return list(enc["input_ids"]), list(enc["labels"])
+    if chat_template and has_chat_template(tokenizer):
+        enc = render_chat(tokenizer, row.messages or [], max_length=max_length, completion_only=completion_only)
+        return list(enc["input_ids"]), list(enc["labels"])
+    prompt = render_prompt(tokenizer, row.prompt or [], chat_template=False)
+    answer = (row.expected or "") + (tokenizer.eos_token or "")
+    p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    a_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    ids = (p_ids + a_ids)[:max_length]
+    labels = ([-100] * len(p_ids) if completion_only else p_ids) + a_ids
+    return ids, labels[:max_length]
 
 
 # --------------------------------------------------------------------------- token losses
