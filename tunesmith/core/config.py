@@ -208,16 +208,36 @@ class RewardSpec(NamedPlugin):
 
 
 class RLSection(Strict):
-    rewards: list[RewardSpec] = Field(default_factory=list)
-    reward_model: str | None = None
-    num_generations: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    kl_coef: float = 0.05
-    target_kl: float | None = 0.1
-    ppo_epochs: int = 4
-    mini_batch_size: int = 4
+    """``rl:`` - policy optimisation (``objective: ppo`` or ``grpo``); see docs/rl.md.
+
+    Steps, schedule, weight decay, gradient clipping, precision and seed come from
+    ``training:``; the prompts from ``data:``.
+    """
+
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward plugins with weights; their scores are summed.")
+    reward_model: str | None = Field(None, description="Shortcut for a reward_model reward with this path (weight 1).")
+    system_prompt: str | None = Field(None, description="System message put before every prompt that has none.")
+    learning_rate: float | None = Field(None, gt=0, description="None: training.learning_rate (auto: 1e-5 full, 2e-4 LoRA).")
+    batch_size: int = Field(16, ge=1, description="Completions generated per step (GRPO: prompts x num_generations).")
+    mini_batch_size: int = Field(4, ge=1, description="PPO: completions per optimiser update.")
+    ppo_epochs: int = Field(4, ge=1, description="PPO: passes over each batch of rollouts.")
+    num_generations: int = Field(4, ge=2, description="GRPO: completions per prompt (the group).")
+    num_iterations: int = Field(1, ge=1, description="GRPO: optimisation passes per generation batch (mu).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="GRPO loss normalisation (TRL's loss_type).")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="GRPO: divide advantages by the reward std of the group/batch, or not.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty against the reference (adapter disabled); GRPO's beta, PPO's initial coefficient.")
+    target_kl: float | None = Field(0.1, gt=0, description="PPO: adapt the KL coefficient towards this KL per completion (None: fixed).")
+    kl_horizon: int = Field(10000, ge=1, description="PPO: horizon of the adaptive KL controller (Ziegler et al.).")
+    cliprange: float = Field(0.2, gt=0, description="Clipping of the policy ratio (PPO and GRPO epsilon).")
+    cliprange_value: float = Field(0.2, gt=0, description="PPO: clipping of the value update.")
+    vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    whiten_advantages: bool = Field(True, description="PPO: normalise advantages per batch.")
 
 
 # --------------------------------------------------------------------------- the whole config
