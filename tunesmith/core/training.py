@@ -126,10 +126,12 @@ def prepare_model(cfg: Any, registries: Any, context: RunContext | None = None) 
     )
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
-    model = method.apply(model, options, context)
     if context is not None:
         context.model, context.tokenizer = model, tok
         context.state["base_params"] = n_params
+    model = method.apply(model, options, context)
+    if context is not None:
+        context.model = model
     _say(describe_trainable(model, method))
     return model, tok, method, base_dir
 
@@ -667,6 +669,19 @@ def save_final(model: Any, tokenizer: Any, method: Any, run: RunDir, info: dict)
     return run.final_dir
 
 
+def _model_info(cfg: Any, registries: Any) -> dict:
+    from tunesmith.core.models import source_options
+
+    data = cfg.model.model_dump(mode="json")
+    try:
+        _, opts = source_options(cfg.model, registries, base_dir=cfg.base_dir)
+        if opts is not None:
+            data.update(opts.model_dump(mode="json"))
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return data
+
+
 def _losses_for(cfg: Any, registries: Any, batch_kind: str) -> list[tuple[str, Any, Any, float]]:
     specs = cfg.losses if cfg.losses else None
     out = []
@@ -793,7 +808,7 @@ def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir
     if trainer.is_world_process_zero():
         info = {
             "base_model_dir": str(base_dir),
-            "model": cfg.model.model_dump(mode="json") | (cfg.model._options.model_dump(mode="json") if cfg.model._options is not None else {}),
+            "model": _model_info(cfg, registries),
             "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {}, "mergeable": bool(getattr(method, "mergeable", False))},
             "objective": cfg.objective,
             "max_length": cfg.training.max_length,
