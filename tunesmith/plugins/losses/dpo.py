@@ -130,10 +130,22 @@ def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, completion_m
     """
     import torch
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    logits = out.logits[:, -input_ids.shape[1] :][:, :-1].float()
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
+    T = input_ids.shape[1]
+    # the vocabulary projection dominates on small models: only compute the logits
+    # from the earliest completion token on (prompts are often most of a row)
+    cols = completion_mask.any(0).nonzero()
+    first = int(cols[0]) if len(cols) else 1
+    keep = T - max(first, 1) + 1
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+    except TypeError:  # a model without logits_to_keep
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits
+    if logits.shape[1] < keep:  # pragma: no cover - defensive
+        raise ValueError("the model returned fewer logits than asked for")
+    logits = logits[:, -keep:][:, :-1].float()
+    targets = input_ids[:, T - keep + 1 :]
+    mask = completion_mask[:, T - keep + 1 :].to(logits.dtype)
     token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
