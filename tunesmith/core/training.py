@@ -805,6 +805,11 @@ def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir
     if evals:
         result["eval_loss"] = float(evals[-1]["eval_loss"])
         result["best_eval_loss"] = float(min(r["eval_loss"] for r in evals))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # each rank reports what it trained (diagnostics, tests)
+        rank = int(os.environ.get("RANK", "0"))
+        atomic_write_json(run.root / "ranks" / f"rank-{rank}.json",
+                          {"rank": rank, "world_size": world, "steps": result["steps"], "tokens": int(trainer.tokens_seen)})
     if trainer.is_world_process_zero():
         info = {
             "base_model_dir": str(base_dir),
