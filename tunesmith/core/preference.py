@@ -185,3 +185,220 @@ class PairCollator:
         if all("margin" in f for f in features):
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         return batch
+
+
+# --------------------------------------------------------------------------- models
+def _prepare_reward_model(cfg: Any, registries: Any, context: Any) -> tuple[Any, Any, Any, Any]:
+    """A sequence classifier with one output over the base model, PEFT applied.
+
+    PEFT-library methods (lora, dora, qlora, ...) get ``task_type=SEQ_CLS`` so the new
+    ``score`` head is trained and saved with the adapter (``modules_to_save``).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.core.models import describe_trainable, pick_dtype, resolve_model_dir, setup_tokenizer
+    from tunesmith.core.training import _say, peft_options
+
+    method = registries.peft_methods.get(cfg.peft.method)
+    options = peft_options(cfg, method)
+    base_dir = resolve_model_dir(cfg, registries)
+    quant = method.quantization_config(options) if hasattr(method, "quantization_config") else None
+    dtype = cfg.model.dtype
+    if dtype == "auto" and cfg.training.precision == "fp32":
+        dtype = "float32"
+    tok = setup_tokenizer(AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False))
+    kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype), "num_labels": 1, "trust_remote_code": False}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), **kwargs)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+    context.model, context.tokenizer = model, tok
+    context.state["base_params"] = sum(p.numel() for p in model.parameters())
+    if hasattr(method, "peft_config"):
+        from peft import get_peft_model
+
+        model = method.prepare(model, options, context) if hasattr(method, "prepare") else model
+        pcfg = method.peft_config(model, options, context)
+        pcfg.task_type = "SEQ_CLS"
+        if getattr(pcfg, "modules_to_save", None) is None:
+            pcfg.modules_to_save = ["score"]
+        elif "score" not in pcfg.modules_to_save:
+            pcfg.modules_to_save = list(pcfg.modules_to_save) + ["score"]
+        model = get_peft_model(model, pcfg)
+    else:
+        model = method.apply(model, options, context)
+        head = getattr(model, "score", None)
+        if head is not None:
+            head.requires_grad_(True)
+    context.model = model
+    _say(describe_trainable(model, method))
+    return model, tok, method, base_dir
+
+
+# --------------------------------------------------------------------------- training
+def _final_logs(history: list[dict], prefix: str) -> dict:
+    """The last logged value of each ``<prefix>/...`` key."""
+    out: dict[str, float] = {}
+    for row in history:
+        for k, v in row.items():
+            if k.startswith(prefix + "/") and isinstance(v, (int, float)):
+                out[k[len(prefix) + 1 :]] = float(v)
+    return out
+
+
+def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> dict:
+    import shutil
+    import time
+    from pathlib import Path
+
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from tunesmith.core.context import RunContext
+    from tunesmith.core.io import atomic_write_json
+    from tunesmith.core.rundir import RunDir
+    from tunesmith.core.training import (
+        CHECKPOINT_RE,
+        ListDataset,
+        TunesmithTrainer,
+        _model_info,
+        _say,
+        auto_learning_rate,
+        build_training_arguments,
+        last_checkpoint,
+        peft_options,
+        prepare_model,
+        save_final,
+        standard_callbacks,
+        training_records,
+    )
+
+    # the losses are checked before anything heavy is loaded
+    checked = check_loss_requirements(cfg, registries, "pairs")
+    losses = [(spec.plugin_name if spec is not None else plugin.name, plugin, opts, w) for spec, plugin, w, opts in checked]
+    main_loss = next(name for name, plugin, _, _ in losses if getattr(plugin, "requires", None) == "pairs")
+
+    run = RunDir.for_config(cfg)
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(run.root)
+        _say(f"resuming from {checkpoint}" if checkpoint else
+             f"--resume: no complete checkpoint in {run.checkpoints_dir}; starting from the beginning")
+    elif run.checkpoints_dir.exists() and any(CHECKPOINT_RE.match(p.name) for p in run.checkpoints_dir.iterdir()):
+        _say(f"note: {run.checkpoints_dir} has checkpoints of an earlier run; they are replaced (use --resume to continue)")
+        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
+        if run.metrics_path.exists():
+            run.metrics_path.unlink()
+    run.ensure()
+    run.write_config(cfg)
+    set_seed(cfg.training.seed)
+    context = RunContext(config=cfg, run_dir=run.root, registries=registries)
+    context.state["resume"] = checkpoint is not None
+    context.state["objective"] = objective
+
+    if objective == "reward":
+        model, tok, method, base_dir = _prepare_reward_model(cfg, registries, context)
+    else:
+        model, tok, method, base_dir = prepare_model(cfg, registries, context)
+    train_recs, eval_recs, source = training_records(cfg, registries, run)
+    max_length = cfg.training.max_length
+    train_ds = ListDataset(tokenize_pairs(tok, train_recs, max_length=max_length))
+    eval_ds = ListDataset(tokenize_pairs(tok, eval_recs, max_length=max_length)) if eval_recs else None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collator = PairCollator(pad)
+
+    lr = cfg.training.learning_rate
+    if lr == "auto":
+        lr, why = auto_learning_rate(cfg.peft.method, context.state.get("base_params", 0), len(train_recs), objective=objective)
+        if objective == "dpo":
+            lr, why = lr * 0.1, why + f" x0.1 (DPO) = {lr * 0.1:.3g}"
+        _say(f"learning_rate auto: {why}")
+    args = build_training_arguments(
+        cfg, run, has_eval=eval_ds is not None, learning_rate=float(lr),
+        prediction_loss_only=True, label_names=["labels"],
+    )
+    trainer = TunesmithTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tok, losses=losses, run=context, batch_kind="pairs",
+        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
+    )
+    trainer.remove_callback(PrinterCallback)
+    method_opts = peft_options(cfg, method)
+    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
+        trainer.add_callback(cb)
+    context.state["trainer"] = trainer
+    for _name, plugin, options, _w in losses:
+        if hasattr(plugin, "setup"):
+            plugin.setup(model, options, context)
+    context.emit("before_train")
+    t0 = time.time()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException as exc:
+        context.emit("on_train_error", error=exc)
+        raise
+    runtime = time.time() - t0
+    result: dict[str, Any] = {
+        "run_dir": str(run.root),
+        "output_path": str(run.final_dir),
+        "objective": objective,
+        "train_loss": float(out.training_loss),
+        "steps": int(trainer.state.global_step),
+        "runtime_s": round(runtime, 2),
+        "tokens": int(trainer.tokens_seen),
+        "learning_rate": float(lr),
+        "pairs": len(train_ds),
+        "data": source,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "stop_reason": context.stop_reason,
+    }
+    result.update({f"final/{k}": v for k, v in _final_logs(trainer.state.log_history, main_loss).items()})
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if evals:
+        result["eval_loss"] = float(evals[-1]["eval_loss"])
+    if trainer.is_world_process_zero():
+        info = {
+            "base_model_dir": str(base_dir),
+            "model": _model_info(cfg, registries),
+            "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {},
+                     "mergeable": bool(getattr(method, "mergeable", False))},
+            "objective": objective,
+            "head": "sequence_classification" if objective == "reward" else "causal_lm",
+            "losses": [{"name": n, "weight": w} for n, _, _, w in losses],
+            "max_length": max_length,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "chat_template": bool(getattr(tok, "chat_template", None)),
+            "steps": result["steps"],
+            "train_loss": result["train_loss"],
+            "config_hash": cfg.hash(),
+        }
+        save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
+        atomic_write_json(Path(run.root) / "train_result.json", result)
+    context.emit("after_train", result=result)
+    _say(f"trained {result['steps']} steps ({objective}) in {runtime:.0f}s; loss {result['train_loss']:.4f}; saved {run.final_dir}")
+    return result
+
+
+def train_dpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dict:
+    """``objective: dpo``: preference pairs, the ``dpo`` loss (plus any regulariser such as
+    ``ewc``), reference log-probs from the adapter-disabled model or a frozen copy.
+
+    Returns the result dict (``train_loss``, ``steps``, ``final/rewards/accuracies``, ...).
+    """
+    if registries is None:
+        from tunesmith.core.plugins import get_registries
+
+        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
+    return _train_pairs(cfg, registries, resume=resume, objective="dpo")
+
+
+def train_reward(cfg: Any, registries: Any = None, *, resume: bool = False) -> dict:
+    """``objective: reward``: a scalar-head reward model trained with the pairwise
+    Bradley-Terry loss (``reward_model``); ``RUN/final`` loads with
+    ``tunesmith.plugins.rewards.reward_model.load_reward_model``."""
+    if registries is None:
+        from tunesmith.core.plugins import get_registries
+
+        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
+    return _train_pairs(cfg, registries, resume=resume, objective="reward")

@@ -23,7 +23,6 @@ from a frozen copy made at ``setup`` (the start of training).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -179,27 +178,12 @@ def make_reference(model: Any, options: DPOOptions) -> Any:
     return ref
 
 
-@contextlib.contextmanager
-def _no_gc(model: Any):
-    """Turn gradient checkpointing off for a no-grad forward (it warns and saves nothing there)."""
-    m = _unwrap(model)
-    base = m.get_base_model() if hasattr(m, "get_base_model") else m
-    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    was = bool(getattr(base, flag, False))
-    if was:
-        base.gradient_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if was:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def reference_logps(model: Any, ref_model: Any, batch: dict) -> tuple[Any, Any]:
     """Summed completion log-probs under the reference (adapter disabled, or the frozen copy)."""
     import torch
 
-    with torch.no_grad(), _no_gc(model):
+    # gradient checkpointing (non-reentrant) is harmless under no_grad: it just runs the forward
+    with torch.no_grad():
         if ref_model is None:
             m = _unwrap(model)
             with m.disable_adapter():

@@ -148,8 +148,18 @@ def state_dir(context: Any, loss_name: str) -> Path | None:
 
 
 def is_resume(context: Any) -> bool:
+    """Whether this run continues from a checkpoint: ``context.state["resume"]`` when the
+    trainer sets it, else whether the run directory holds a complete checkpoint (a fresh
+    run clears old checkpoints before the losses are set up)."""
     state = getattr(context, "state", None) or {}
-    return bool(state.get("resume"))
+    if "resume" in state:
+        return bool(state["resume"])
+    run_dir = getattr(context, "run_dir", None)
+    if run_dir is None:
+        return False
+    from tunesmith.core.training import last_checkpoint
+
+    return last_checkpoint(run_dir) is not None
 
 
 def resolve_anchor_path(anchor: str, context: Any) -> Path:
