@@ -52,21 +52,42 @@ def split_records(
         if stratify and key is None:
             key = "<missing>"
         groups[str(key) if stratify else None].append(i)
+    keys = sorted(groups, key=lambda k: (k is None, str(k)))
+    # whole-split counts by the ratios; strata share them by largest remainder, so a
+    # stratified split has the same sizes as a plain one
+    n_val = _apportion({k: len(groups[k]) for k in keys}, validation, int(round(len(records) * validation)))
+    room = {k: len(groups[k]) - n_val[k] for k in keys}
+    n_test = _apportion({k: len(groups[k]) for k in keys}, test, int(round(len(records) * test)), cap=room)
     assign: dict[int, str] = {}
     rng = random.Random(seed)
-    for key in sorted(groups, key=lambda k: (k is None, str(k))):
+    for key in keys:
         idx = list(groups[key])
         rng.shuffle(idx)
-        n = len(idx)
-        n_val = int(round(n * validation))
-        n_test = int(round(n * test))
-        if n_val + n_test > n:
-            n_test = n - n_val
+        v, t = n_val[key], n_test[key]
         for j, i in enumerate(idx):
-            assign[i] = "validation" if j < n_val else ("test" if j < n_val + n_test else "train")
+            assign[i] = "validation" if j < v else ("test" if j < v + t else "train")
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i, r in enumerate(records):
         out[assign[i]].append(r)
+    return out
+
+
+def _apportion(sizes: dict, ratio: float, total: int, cap: dict | None = None) -> dict:
+    """Integer shares of ``total`` proportional to ``sizes`` (largest remainder, capped)."""
+    cap = cap or sizes
+    exact = {k: n * ratio for k, n in sizes.items()}
+    out = {k: min(int(math.floor(v)), cap[k]) for k, v in exact.items()}
+    left = total - sum(out.values())
+    order = sorted(sizes, key=lambda k: -(exact[k] - math.floor(exact[k])))
+    while left > 0:
+        moved = False
+        for k in order:
+            if left and out[k] < cap[k]:
+                out[k] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            break
     return out
 
 

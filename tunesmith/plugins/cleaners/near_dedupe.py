@@ -34,6 +34,22 @@ class Options(BaseModel):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
     batch_size: int = Field(2048, ge=1, description="Records whose signatures are computed together.")
+    bands: int | None = Field(
+        None, ge=1, description="LSH bands (rows per band = num_perm // bands); default: the fewest bands that "
+        "make a pair at the threshold a candidate with probability >= 0.99 (recall first; candidates are verified).",
+    )
+
+
+def lsh_params(threshold: float, num_perm: int, bands: int | None = None) -> tuple[int, int]:
+    """(bands, rows): recall-first banding. datasketch's own optimum for 0.9 (5 x 25) makes
+    a pair at J=0.9 a candidate only ~31% of the time; verification keeps precision."""
+    if bands is not None:
+        return bands, max(1, num_perm // bands)
+    for r in range(num_perm, 0, -1):
+        b = num_perm // r
+        if 1 - (1 - threshold ** r) ** b >= 0.99:
+            return b, r
+    return num_perm, 1
 
 
 # --------------------------------------------------------------------------- shingle hashing (reference form)
@@ -86,7 +102,7 @@ def _poly_window(vals: np.ndarray, k: int) -> np.ndarray:
 
 
 def text_shingle_hashes(text: str, ngram: int, unit: str) -> np.ndarray:
-    """Unique 32-bit shingle hashes of folded text (same values as the reference form)."""
+    """32-bit shingle hashes of folded text (same values as the reference form)."""
     if unit == "word":
         words = text.split()
         vals = np.fromiter((word_hash(w) for w in words), dtype=np.uint64, count=len(words))
@@ -95,7 +111,8 @@ def text_shingle_hashes(text: str, ngram: int, unit: str) -> np.ndarray:
     if len(vals) == 0:
         vals = np.zeros(1, dtype=np.uint64) if unit == "char" else np.array([0], dtype=np.uint64)
         return np.zeros(1, dtype=np.uint32)  # the empty shingle
-    return np.unique(_poly_window(vals, ngram))
+    # repeated shingles do not change a minimum: no need to deduplicate them
+    return _poly_window(vals, ngram)
 
 
 class Signer:
@@ -172,7 +189,8 @@ class NearDedupe:
 
         opts = options or Options()
         signer = Signer(opts.num_perm, opts.seed)
-        lsh = MinHashLSH(threshold=opts.threshold, num_perm=opts.num_perm)
+        lsh = MinHashLSH(threshold=opts.threshold, num_perm=opts.num_perm,
+                         params=lsh_params(opts.threshold, opts.num_perm, opts.bands))
         sigs: list[np.ndarray] = []
         places: list[str] = []
         batch: list[dict] = []
