@@ -68,8 +68,6 @@ class Length:
                 lo = (opts.min_prompt_chars if is_prompt else opts.min_completion_chars)
                 lo = opts.min_chars if lo is None else lo
                 n = len(text)
-                if is_prompt and "messages" not in r and "chosen" not in r:
-                    continue
                 if n < lo:
                     reason = Verdict.reject(r, f"{side} too short: {n} characters < {lo}", "too_short_chars")
                     break
