@@ -156,6 +156,8 @@ class TrainingSection(Strict):
     lr_scheduler: Literal[
         "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
     ] = "cosine"
+    #: extra scheduler arguments, e.g. {num_cycles: 2} (cosine_with_restarts), {power: 2.0} (polynomial)
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warmup_ratio: float = 0.03
     warmup_steps: int = 0
     weight_decay: float = 0.01

@@ -1,0 +1,248 @@
+"""Training throughput: tunesmith beside plain TRL SFTTrainer and a plain transformers Trainer.
+
+Part 1 (padded batches): the default model (SmolLM2-135M-Instruct), the quickstart
+data, LoRA r16 all-linear, the same max length, batch, steps and precision for all
+three; real (non-padding) tokens per second and peak RSS for each, and the ratios.
+
+Part 2 (widely varied lengths): tunesmith with naive padded batches against
+packing, padding-free batches and length-grouped batches.
+
+Every variant runs in its own child process (so peak RSS is its own); the parent
+prints a table and writes bench/results/bench_train.json.
+
+    nice .venv/bin/python bench/bench_train.py [--steps 10] [--batch 4] [--max-length 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TUNESMITH_NO_PROGRESS", "1")
+
+WORDS = ("the model reads a support ticket and answers with the team and the priority of the request "
+         "so that the right people see it quickly and nobody waits longer than needed").split()
+
+
+def varied_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows whose lengths range from ~20 to ~max tokens (long-tailed)."""
+    import random
+
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = int(4 + (rnd.random() ** 3) * 180)  # most short, some very long
+        q = " ".join(rnd.choice(WORDS) for _ in range(max(2, k // 3)))
+        a = " ".join(rnd.choice(WORDS) for _ in range(k))
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return rows
+
+
+def quickstart_rows() -> list[dict]:
+    return [json.loads(l) for l in (ROOT / "examples" / "data" / "quickstart.jsonl").read_text().splitlines() if l.strip()]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Counting:
+    """Wrap a collator; count real (non-padding) tokens of every batch it builds."""
+
+    def __init__(self, inner):  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, feats):  # type: ignore[no-untyped-def]
+        b = self.inner(feats)
+        if "attention_mask" in b and b["attention_mask"] is not None:
+            self.tokens += int(b["attention_mask"].sum())
+        else:
+            self.tokens += int(b["input_ids"].numel())
+        return b
+
+
+def lora_config(r: int):  # type: ignore[no-untyped-def]
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules="all-linear")
+
+
+# --------------------------------------------------------------------------- variants (child process)
+def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -> dict:
+    import yaml
+
+    import tunesmith
+    from tunesmith.core.training import train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ts-"))
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg_path = tmp / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "model": {"source": "default", "dtype": "float32"},
+        "data": {"path": str(data)},
+        "peft": {"method": "lora", "r": args.r, "alpha": 2 * args.r, "dropout": 0.05, "target_modules": "all-linear"},
+        "training": {"max_steps": args.steps, "batch_size": args.batch, "gradient_accumulation_steps": 1,
+                     "learning_rate": 2e-4, "max_length": args.max_length, "precision": "fp32", "packing": packing,
+                     "gradient_checkpointing": False, "logging_steps": args.steps, "save_steps": 0, "eval_steps": 0,
+                     "report_to": [], "early_stopping": None, "warmup_ratio": 0.0},
+        "output_dir": str(tmp / "run"),
+    }))
+    cfg = tunesmith.load_config(cfg_path)
+    res = train(cfg, tunesmith.registry())
+    return {"tokens": res["tokens"], "train_s": res["runtime_s"]}
+
+
+def _plain_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tunesmith
+    from tunesmith.core.config import ModelSection
+    from tunesmith.core.models import resolve_model_dir
+
+    path = resolve_model_dir(ModelSection(), tunesmith.registry())  # the cached default model folder
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model, tok
+
+
+def run_trl(args: argparse.Namespace, rows: list[dict]) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = _plain_model(args)
+    ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    cfg = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, learning_rate=2e-4, max_length=args.max_length, use_cpu=True, bf16=False,
+        report_to=[], logging_steps=args.steps, save_strategy="no", gradient_checkpointing=False, packing=False,
+        disable_tqdm=True, seed=42, warmup_steps=0,
+    )
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora_config(args.r))
+    trainer.data_collator = counter = Counting(trainer.data_collator)
+    t0 = time.time()
+    trainer.train()
+    return {"tokens": counter.tokens, "train_s": round(time.time() - t0, 2)}
+
+
+def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    model, tok = _plain_model(args)
+    model = get_peft_model(model, lora_config(args.r))
+    feats = [tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False, truncation=True,
+                 max_length=args.max_length) for r in rows]
+    feats = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in feats]
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-hf-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, learning_rate=2e-4, use_cpu=True, report_to=[], logging_steps=args.steps,
+        save_strategy="no", disable_tqdm=True, seed=42, remove_unused_columns=False, warmup_steps=0,
+    )
+    counter = Counting(DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer = Trainer(model=model, args=targs, train_dataset=feats, data_collator=counter)
+    t0 = time.time()
+    trainer.train()
+    return {"tokens": counter.tokens, "train_s": round(time.time() - t0, 2)}
+
+
+def child(name: str, args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    padded_rows = quickstart_rows()
+    varied = varied_rows(max(64, args.steps * args.batch * 2))
+    if name == "tunesmith":
+        out = run_tunesmith(args, padded_rows, False)
+    elif name == "trl":
+        out = run_trl(args, padded_rows)
+    elif name == "transformers":
+        out = run_plain(args, padded_rows)
+    elif name.startswith("varied-"):
+        mode = {"naive": False, "packing": True, "padding_free": "padding_free", "group_by_length": "group_by_length"}[name[7:]]
+        out = run_tunesmith(args, varied, mode)
+    else:
+        raise SystemExit(f"unknown variant {name}")
+    out["tokens_per_s"] = round(out["tokens"] / max(out["train_s"], 1e-9), 1)
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print("BENCH-RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------- parent
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--only", nargs="*", help="run only these variants")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args)
+        return
+    variants = args.only or ["transformers", "trl", "tunesmith", "varied-naive", "varied-group_by_length",
+                             "varied-padding_free", "varied-packing"]
+    results: dict[str, dict] = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--batch", str(args.batch),
+               "--max-length", str(args.max_length), "--r", str(args.r)]
+        print(f"running {v} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:])
+            results[v] = {"error": (proc.stderr or proc.stdout)[-500:]}
+            continue
+        results[v] = json.loads(line[len("BENCH-RESULT "):])
+        print(f"  {v}: {results[v]}", flush=True)
+
+    def tps(k: str) -> float:
+        return float(results.get(k, {}).get("tokens_per_s") or 0.0)
+
+    ratios = {}
+    if tps("tunesmith") and (tps("trl") or tps("transformers")):
+        best_plain = max(tps("trl"), tps("transformers"))
+        ratios["tunesmith_vs_best_plain"] = round(tps("tunesmith") / best_plain, 3)
+        if tps("trl"):
+            ratios["tunesmith_vs_trl"] = round(tps("tunesmith") / tps("trl"), 3)
+        if tps("transformers"):
+            ratios["tunesmith_vs_transformers"] = round(tps("tunesmith") / tps("transformers"), 3)
+    if tps("varied-naive"):
+        for m in ("packing", "padding_free", "group_by_length"):
+            if tps(f"varied-{m}"):
+                ratios[f"{m}_vs_naive"] = round(tps(f"varied-{m}") / tps("varied-naive"), 3)
+        best = max(tps(f"varied-{m}") for m in ("packing", "padding_free", "group_by_length"))
+        ratios["best_length_mode_vs_naive"] = round(best / tps("varied-naive"), 3)
+    print("\nvariant                    real tokens/s   train s   peak RSS MB")
+    for k, v in results.items():
+        if "error" in v:
+            print(f"{k:26s} ERROR")
+        else:
+            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+    load = os.getloadavg()
+    print(f"(load average during the run: {load[0]:.1f}; numbers on a shared CPU are noisy)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"settings": vars(args) | {"model": "SmolLM2-135M-Instruct (default)", "precision": "fp32", "lora": f"r{args.r} all-linear"},
+           "results": results, "ratios": ratios, "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (RESULTS / "bench_train.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {RESULTS / 'bench_train.json'}")
+
+
+if __name__ == "__main__":
+    main()
