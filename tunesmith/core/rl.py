@@ -361,8 +361,7 @@ def train_grpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dic
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if not logs or "reward" not in logs:
                 return
-            if "completions/mean_length" in logs:
-                logs["response_length"] = logs["completions/mean_length"]
+            _normalise_grpo_logs(logs, rl.kl_coef)
             self.rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
             plot_rl(self.rows, run.plots_dir / "rl.png")
 
@@ -375,6 +374,9 @@ def train_grpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dic
         processing_class=tok,
         callbacks=[curves, *standard_callbacks(cfg, run, context, has_eval=False)],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, rl.png and the progress bar
     context.emit("before_train")
     t0 = time.time()
     try:
@@ -385,7 +387,7 @@ def train_grpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dic
     runtime = time.time() - t0
     logged = [r for r in trainer.state.log_history if "reward" in r]
     for r in logged:
-        r.setdefault("response_length", r.get("completions/mean_length"))
+        _normalise_grpo_logs(r, rl.kl_coef)
     rows_out = [{"step": r.get("step"), **r} for r in logged]
     plot_rl(rows_out, run.plots_dir / "rl.png")
     result: dict[str, Any] = {
@@ -410,6 +412,17 @@ def train_grpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dic
         f"{result.get('reward_end', float('nan')):.3f}; saved {run.final_dir}"
     )
     return result
+
+
+def _normalise_grpo_logs(logs: dict, beta: float) -> None:
+    """The per-step names every RL run logs. TRL logs ``policy_loss`` only with an
+    entropy bonus; otherwise its ``loss`` is the token mean of ``-clipped surrogate +
+    beta * KL``, so the policy term is ``loss - beta * kl``."""
+    if "completions/mean_length" in logs:
+        logs.setdefault("response_length", logs["completions/mean_length"])
+    if "policy_loss" not in logs and isinstance(logs.get("loss"), (int, float)):
+        logs["policy_loss"] = float(logs["loss"]) - beta * float(logs.get("kl") or 0.0)
+    logs.setdefault("kl", 0.0)
 
 
 def _drop_ref_adapter(model: Any) -> None:
