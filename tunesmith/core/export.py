@@ -202,15 +202,26 @@ class TrainedRun:
             return self.final_dir
         return self.base_model_dir(registries)
 
-    def bnb_config(self) -> Any:
-        """The BitsAndBytesConfig the run trained with (NF4, double quantisation by default)."""
+    def bnb_config(self, registries: Any = None) -> Any:
+        """The BitsAndBytesConfig the run trained with: the PEFT plugin's own
+        ``quantization_config(options)`` when it has one, else from tunesmith.json
+        (NF4, double quantisation, float32 compute on CPU by default)."""
         import torch
         from transformers import BitsAndBytesConfig
 
         q = dict(self.info.get("quantization") or {})
+        if not q:
+            with contextlib.suppress(Exception):
+                plugin = _regs(registries).peft_methods.get(self.method)
+                if hasattr(plugin, "quantization_config"):
+                    opts_model = getattr(plugin, "Options", None)
+                    opts = opts_model.model_validate(self.method_options) if opts_model is not None else None
+                    return plugin.quantization_config(opts)
         o = self.method_options
         pick = lambda *keys, default=None: next((d[k] for d in (q, o) for k in keys if k in d), default)  # noqa: E731
-        dtype = pick("bnb_4bit_compute_dtype", "compute_dtype", default="bfloat16")
+        dtype = pick("bnb_4bit_compute_dtype", "compute_dtype", default="auto")
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         dtype = getattr(torch, str(dtype).replace("torch.", "")) if isinstance(dtype, str) else dtype
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -263,7 +274,7 @@ def load_base(run: TrainedRun, *, dtype: Any = None, quantized: bool | None = No
     quantized = run.quantized if quantized is None else quantized
     kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": dtype or torch.float32}
     if quantized:
-        kwargs["quantization_config"] = run.bnb_config()
+        kwargs["quantization_config"] = run.bnb_config(registries)
     return AutoModelForCausalLM.from_pretrained(str(run.base_model_dir(registries)), **kwargs)
 
 
