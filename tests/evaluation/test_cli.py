@@ -74,3 +74,16 @@ def test_ab_analyze_command(tmp_path, capsys):
     assert (tmp_path / "ab.md").read_text().startswith("# A/B analysis")
     code, _, err = run_cli(capsys, "ab", "analyze", str(write_jsonl(tmp_path / "x.jsonl", [{"latency_ms": 3}])))
     assert code == 3 and "x.jsonl:1" in err
+
+
+def test_human_eval_export_generates_with_models(tmp_path, capsys, tiny_model_dir, tiny_model_dir_b, qa_file):
+    out = tmp_path / "he"
+    ok_cli(
+        capsys, "human-eval", "export", "--data", str(qa_file), "--model", f"one={tiny_model_dir}", "--model", f"two={tiny_model_dir_b}",
+        "-n", "2", "--max-new-tokens", "3", "-o", str(out),
+    )
+    key = json.loads((out / "key.json").read_text())
+    assert key["models"] == ["one", "two"] and len(key["items"]) == 2
+    assert len((out / "sheet.csv").read_text().strip().splitlines()) == 1 + 2 * 2
+    code, _, err = run_cli(capsys, "human-eval", "export", "--data", str(qa_file), "--model", f"one={tiny_model_dir}", "-o", str(out))
+    assert code == 1 and "already holds a rating sheet" in err

@@ -62,8 +62,9 @@ def _read_outputs(path: str) -> list[str]:
 @json_option
 def export_cmd(data, models, output_files, from_eval, n, seed, max_new_tokens, output, overwrite, as_json) -> None:
     """Export a blinded rating sheet (CSV and JSONL) and its unblinding key."""
-    from tunesmith.core.human_eval import export_sheet
+    from tunesmith.core.human_eval import check_sheet_dir, export_sheet
 
+    check_sheet_dir(output, overwrite=overwrite)  # before any generation
     items: list[dict] = []
     outputs: dict[str, list[str]] = {}
     if from_eval:

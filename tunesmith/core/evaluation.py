@@ -338,6 +338,9 @@ def plot_comparison(name: str, rows: dict[str, dict], out: Path) -> Path | None:
         ax.set_title(m + (f" ({rel:+.1f}%)" if rel is not None else ""), fontsize=9)
         ax.tick_params(labelsize=8)
         ax.margins(y=0.2)
+        top = max(r["base"], r["tuned"])
+        if min(r["base"], r["tuned"]) >= 0:
+            ax.set_ylim(0, top * 1.2 if top > 0 else 1)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(f"{name}: base vs tuned", fontsize=11)

@@ -63,8 +63,7 @@ def export_sheet(
     if not items:
         raise TunesmithError("a rating sheet needs at least one prompt")
     sheet_path, csv_path, key_path = out / "sheet.jsonl", out / "sheet.csv", out / "key.json"
-    if not overwrite and any(p.exists() for p in (sheet_path, csv_path, key_path)):
-        raise TunesmithError(f"{out} already holds a rating sheet", hint="pass --overwrite to replace it")
+    check_sheet_dir(out, overwrite=overwrite)
     rng = random.Random(seed)
     chosen = list(range(len(items)))
     if n is not None and n < len(items):
@@ -102,6 +101,13 @@ def export_sheet(
     atomic_write_text(csv_path, sheet_to_csv(sheet_rows, criteria))
     atomic_write_json(key_path, key)
     return {"sheet": sheet_path, "csv": csv_path, "key": key_path}
+
+
+def check_sheet_dir(out_dir: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse a folder that already holds a sheet (unless ``overwrite``)."""
+    out = Path(out_dir)
+    if not overwrite and any((out / n).exists() for n in ("sheet.jsonl", "sheet.csv", "key.json")):
+        raise TunesmithError(f"{out} already holds a rating sheet", hint="pass --overwrite to replace it")
 
 
 def sheet_to_csv(sheet_rows: Iterable[dict], criteria: Sequence[str] = CRITERIA) -> str:

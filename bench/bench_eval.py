@@ -1,0 +1,132 @@
+"""Evaluation of the real default model on a 50-prompt set, beside a plain transformers loop.
+
+    python bench/bench_eval.py [--prompts 50] [--max-new-tokens 64] [--batch-size 1]
+
+Loads SmolLM2-135M-Instruct once (the ``model.default`` source), then on the same
+prompts (examples/data/quickstart.jsonl, the last assistant turn is the expected
+answer) runs:
+
+* tunesmith's ``generation`` evaluator (greedy, metrics, latency; progress bar),
+  and a plain ``apply_chat_template`` + ``generate`` loop doing the same decoding;
+* tunesmith's ``perplexity`` evaluator (batched), and a plain one-row-at-a-time
+  loss loop.
+
+Prints the wall times and the ratios tunesmith / plain, checks that both produce
+the same text, and writes ``bench/results/eval.json``. The machine is shared:
+run it with ``nice`` and read the numbers as measured under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--data", default=str(ROOT / "examples" / "data" / "quickstart.jsonl"))
+    args = ap.parse_args()
+
+    import torch
+
+    import tunesmith
+    from tunesmith.core.config import ModelSection
+    from tunesmith.core.context import RunContext
+    from tunesmith.core.evalset import load_eval_rows
+    from tunesmith.core.models import load_model_and_tokenizer
+
+    regs = tunesmith.registry()
+    t0 = time.perf_counter()
+    model, tok = load_model_and_tokenizer(ModelSection(source="default"), regs)
+    load_s = time.perf_counter() - t0
+    print(f"loaded the default model in {load_s:.1f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    rows = load_eval_rows(args.data, limit=args.prompts)
+    ctx = RunContext(registries=regs)
+
+    gen = regs.evaluators.get("generation")
+    opts = gen.Options(path=args.data, limit=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    res = gen.evaluate(model, tok, opts, ctx)
+    ts_gen = time.perf_counter() - t0
+
+    # the plain library: the same prompts, the same greedy decoding, one at a time
+    t0 = time.perf_counter()
+    plain_out = []
+    for r in rows:
+        text = tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
+        plain_out.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    plain_gen = time.perf_counter() - t0
+    same = sum(a == s["output"] for a, s in zip(plain_out, res["samples"]))
+
+    ppl = regs.evaluators.get("perplexity")
+    popts = ppl.Options(path=args.data, limit=args.prompts)
+    t0 = time.perf_counter()
+    pres = ppl.evaluate(model, tok, popts, ctx)
+    ts_ppl = time.perf_counter() - t0
+    from tunesmith.core.render import render_chat
+
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    for r in rows:
+        enc = render_chat(tok, r.messages, max_length=popts.max_length)
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.tensor([enc["labels"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(loss) * n
+        count += n
+    plain_ppl_s = time.perf_counter() - t0
+    plain_ppl = math.exp(total / count)
+
+    m = res["metrics"]
+    result = {
+        "prompts": len(rows),
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "load_s": round(load_s, 2),
+        "generation": {
+            "tunesmith_s": round(ts_gen, 2),
+            "plain_s": round(plain_gen, 2),
+            "ratio": round(ts_gen / plain_gen, 3),
+            "same_outputs": f"{same}/{len(rows)}",
+            "metrics": m,
+        },
+        "perplexity": {
+            "tunesmith_s": round(ts_ppl, 2),
+            "plain_s": round(plain_ppl_s, 2),
+            "ratio": round(ts_ppl / plain_ppl_s, 3),
+            "tunesmith": pres["metrics"]["perplexity"],
+            "plain": plain_ppl,
+        },
+        "note": "measured on a shared 2-core CPU under load from other processes",
+    }
+    print(json.dumps(result, indent=2))
+    print(
+        f"\n{len(rows)} prompts: generation {ts_gen:.1f} s (plain loop {plain_gen:.1f} s, ratio {ts_gen / plain_gen:.2f}, "
+        f"identical outputs {same}/{len(rows)}); perplexity {ts_ppl:.1f} s (plain {plain_ppl_s:.1f} s, "
+        f"ratio {ts_ppl / plain_ppl_s:.2f}; {pres['metrics']['perplexity']:.4f} vs {plain_ppl:.4f}); "
+        f"tokens/s {m['tokens_per_s']:.1f}, mean latency {m['latency_mean_ms']:.0f} ms"
+    )
+    out = ROOT / "bench" / "results" / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
