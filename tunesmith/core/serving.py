@@ -97,6 +97,9 @@ class ModelServer:
         self.max_tokens_limit = max_tokens_limit
         self.adapters: dict[str, str] = {}
         self.lock = threading.Lock()
+        # fast tokenizers mutate their padding/truncation state per call ("Already borrowed"
+        # when two threads encode at once), so encoding and decoding take their own lock
+        self.tok_lock = threading.Lock()
         self.registry: Any = None
         self.created = int(time.time())
         self.stats = {"requests": 0, "errors": 0}
@@ -198,11 +201,13 @@ class ModelServer:
             msgs.append({"role": m["role"], "content": content or ""})
         if not getattr(self.tokenizer, "chat_template", None):
             raise ServingError("the base model's tokenizer has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self.tok_lock:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_text(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        with self.tok_lock:
+            return self.tokenizer(prompt)["input_ids"]
 
     def generate(self, name: str, input_ids: list[int], *, max_tokens: int = 16, temperature: float = 1.0,
                  top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Generation:
@@ -244,7 +249,8 @@ class ModelServer:
         finish = "length"
         if new and new[-1] in eos:
             finish = "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        with self.tok_lock:
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
         if stop:
             cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
             if cut >= 0:
