@@ -4,6 +4,8 @@
   chatty answer or a wrong route is rejected;
 * ``order_numbers.jsonl`` - a second task for the sequential (EWC + replay) and
   multi-task examples: read the order number out of a ticket;
+* ``styled_tickets.jsonl`` - routing rows with curly quotes and dashes (for the
+  example plugin package's typography cleaner);
 * ``handbook.txt`` - a raw-text corpus (the support handbook of a made-up shop)
   for continued pre-training.
 
@@ -75,6 +77,21 @@ def order_numbers(n: int = 120) -> list[dict]:
     return rows
 
 
+def styled_tickets(n: int = 24) -> list[dict]:
+    """Routing rows typed on a phone: curly quotes, dashes and ellipses (the example
+    plugin's typography cleaner folds them to ASCII)."""
+    rng = random.Random(31)
+    teams = list(qs.PROBLEMS)
+    rows = []
+    for i in range(n):
+        team = teams[i % len(teams)]
+        urgent = rng.random() < 0.4
+        ticket = qs.make_ticket(rng, team, urgent).replace("'", "\u2019")
+        ticket = rng.choice(["\u201cHelp\u201d \u2014 ", "Hi\u2026 ", "So \u2013 "]) + ticket
+        rows.append(qs.row(ticket, team, "urgent" if urgent else "normal", typed_on="phone"))
+    return rows
+
+
 HANDBOOK_TOPICS = {
     "billing": ["refunds reach the original card within five working days",
                 "a duplicate charge is reversed the same day it is reported",
@@ -120,6 +137,7 @@ def files() -> dict[str, str]:
         "prefs.jsonl": jsonl(prefs()),
         "order_numbers.jsonl": jsonl(order_numbers()),
         "handbook.txt": handbook(),
+        "styled_tickets.jsonl": jsonl(styled_tickets()),
     }
 
 

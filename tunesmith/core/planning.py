@@ -14,7 +14,7 @@ Two parts, both pure arithmetic (no torch):
     (``r * (in + out)`` per adapted matrix), not a hard-coded 4096 x 32;
   - activations follow Korthikanti et al. (2022), ``s*b*h*(34 + 5*a*s/h)`` bytes
     per layer in 16-bit, or ``2*s*b*h`` per layer with gradient checkpointing,
-    plus the fp32 logits ``4*b*s*V`` (large for small models with big vocabularies);
+    plus the logits ``b*s*V*(4 + 2)`` bytes (large for small models with big vocabularies);
   - FLOPs are ``6*P*T`` for full training (the guide's rule) plus attention
     ``12*L*h*s*T``; LoRA and QLoRA skip the frozen weights' gradients:
     ``4*P*T``; time divides by the GPU's peak times a utilisation (default 0.4,
@@ -423,8 +423,9 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, checkpointing: 
     (the ``5*a*s/h`` term is the attention matrix; memory-efficient attention
     drops it, but eager attention on small models keeps it). With gradient
     checkpointing each layer keeps only its input (``2*s*b*h``) and one layer is
-    recomputed at a time. The logits (``b*s*V`` in fp32, twice: values and the
-    softmax for the loss) dominate for small models with large vocabularies.
+    recomputed at a time. The logits (``b*s*V``: the fp32 log-softmax the loss
+    keeps, plus the 16-bit logits of a 16-bit model) dominate for small models with
+    large vocabularies.
     """
     s, b, h, a = seq, batch, shape.hidden, shape.heads
     scale = bytes_per_value / 2
@@ -433,7 +434,9 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, *, checkpointing: 
         layers = shape.layers * 2 * s * b * h * scale + per_layer
     else:
         layers = shape.layers * per_layer
-    logits = 2 * 4 * b * s * shape.vocab
+    # the loss keeps the log-softmax of the logits in fp32; a 16-bit model keeps
+    # its 16-bit logits as well (they are upcast for the loss)
+    logits = b * s * shape.vocab * (4 + (bytes_per_value if bytes_per_value < 4 else 0))
     return layers + logits
 
 
