@@ -113,6 +113,15 @@ def test_server_isolates_adapters_under_concurrency(tiny_model_dir: Path, two_ad
             models = [m["id"] for m in c.get("/v1/models").json()["data"]]
             assert models == ["base", "alpha", "beta"]
             assert c.get("/health").json()["status"] == "ok"
+            # streaming (server-sent events) gives the same text in pieces
+            r = c.post("/v1/chat/completions", json={"model": "beta", "messages": CHAT, "max_tokens": N, "temperature": 0,
+                                                     "stream": True})
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+            assert "".join(ch["delta"].get("content", "") for ch in chunks) == refs["beta"]["<chat>"]
+            assert chunks[-1]["finish_reason"] in ("stop", "length") and len(chunks) > 2
             r = c.post("/v1/completions", json={"model": "gamma", "prompt": "x"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             r = c.post("/v1/completions", content=b'{"model": "alpha", "prompt": ', headers={"content-type": "application/json"})

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -210,7 +210,8 @@ class ModelServer:
             return self.tokenizer(prompt)["input_ids"]
 
     def generate(self, name: str, input_ids: list[int], *, max_tokens: int = 16, temperature: float = 1.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> Generation:
+                 top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                 streamer: Any = None) -> Generation:
         import torch
 
         if max_tokens < 1 or max_tokens > self.max_tokens_limit:
@@ -227,6 +228,8 @@ class ModelServer:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": _eos_ids(self.base, self.tokenizer),
         }
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         if temperature and temperature > 0:
             kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
         else:
@@ -256,6 +259,69 @@ class ModelServer:
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         return Generation(text, finish, len(input_ids), len(new), name)
+
+
+    def stream(self, name: str, input_ids: list[int], **kw: Any) -> Iterator[tuple[str, str | None]]:
+        """Yield ``(text delta, None)`` while generating, then ``("", finish_reason)``."""
+        import queue
+
+        from transformers.generation.streamers import BaseStreamer
+
+        q: "queue.Queue[Any]" = queue.Queue()
+        prompt_len = len(input_ids)
+
+        class _Ids(BaseStreamer):
+            seen = 0
+
+            def put(self, value: Any) -> None:
+                ids = value.reshape(-1).tolist()
+                if self.seen == 0 and len(ids) == prompt_len:  # the prompt comes first
+                    self.seen = 1
+                    return
+                self.seen = 1
+                q.put(("ids", ids))
+
+            def end(self) -> None:
+                pass
+
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["gen"] = self.generate(name, input_ids, streamer=_Ids(), **kw)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader
+                result["error"] = exc
+            finally:
+                q.put(("end", None))
+
+        threading.Thread(target=work, daemon=True).start()
+        stop = [s for s in (kw.get("stop") or []) if s]
+        new: list[int] = []
+        sent = ""
+        halted = False
+        while True:
+            kind, ids = q.get()
+            if kind == "end":
+                break
+            new.extend(ids)
+            if halted:
+                continue
+            with self.tok_lock:
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, halted = text[:cut], True
+            elif text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):], None
+                sent = text
+        if "error" in result:
+            raise result["error"]
+        gen = result["gen"]
+        if gen.text.startswith(sent) and len(gen.text) > len(sent):
+            yield gen.text[len(sent):], None
+        yield "", gen.finish_reason
 
 
 def _active(model: Any) -> list[str]:
@@ -360,8 +426,6 @@ def create_app(server: ModelServer, *, api_key: str | None = None) -> Any:
         return await call_next(request)
 
     def _common(req: _Req, request: Request) -> tuple[str, dict]:
-        if req.stream:
-            raise ServingError("stream=true is not supported by this server", code="stream_unsupported")
         target = server.route(req.model, req.user or request.headers.get("x-request-id"))
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         max_tokens = req.max_completion_tokens or req.max_tokens or 16
@@ -372,6 +436,39 @@ def create_app(server: ModelServer, *, api_key: str | None = None) -> Any:
         p = sum(g.prompt_tokens for g in gens)
         c = sum(g.completion_tokens for g in gens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _sse(target: str, ids: list[int], kw: dict, *, chat: bool) -> Any:
+        """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+        import json as _json
+
+        from fastapi.responses import StreamingResponse
+
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str, finish: str | None, first: bool = False) -> str:
+            if chat:
+                d: dict[str, Any] = {"content": delta} if delta else {}
+                if first:
+                    d = {"role": "assistant", "content": delta}
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            return "data: " + _json.dumps({"id": cid, "object": obj, "created": created, "model": target,
+                                           "choices": [choice]}) + "\n\n"
+
+        def events() -> Iterator[str]:
+            first = True
+            try:
+                for delta, finish in server.stream(target, ids, **kw):
+                    yield chunk(delta, finish, first)
+                    first = False
+            except TunesmithError as exc:
+                yield "data: " + _json.dumps({"error": {"message": str(exc), "type": "invalid_request_error"}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/health")
     def health() -> dict:
@@ -391,6 +488,10 @@ def create_app(server: ModelServer, *, api_key: str | None = None) -> Any:
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             raise ServingError("prompt must not be empty")
+        if req.stream:
+            if len(prompts) != 1:
+                raise ServingError("stream=true takes one prompt")
+            return _sse(target, server.encode_text(prompts[0]), kw, chat=False)
         gens = [server.generate(target, server.encode_text(p), **kw) for p in prompts]
         return {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
@@ -403,6 +504,8 @@ def create_app(server: ModelServer, *, api_key: str | None = None) -> Any:
     def chat(req: ChatRequest, request: Request) -> dict:
         target, kw = _common(req, request)
         ids = server.encode_chat([m.model_dump() for m in req.messages])
+        if req.stream:
+            return _sse(target, ids, kw, chat=True)
         g = server.generate(target, ids, **kw)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
