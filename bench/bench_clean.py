@@ -297,8 +297,10 @@ def near_metrics(rows: list[dict], near_ids: list[int]) -> dict:
     """
     group = {r["id"]: (r["of"] if r["kind"] != "base" else r["id"]) for r in rows}
     near_in_group: dict[int, int] = {}
+    present = {r["id"] for r in rows if r["kind"] == "base"}
     for r in rows:
-        if r["kind"] == "near":
+        # on a subset, a near copy whose base is not in it has nothing to be a duplicate of
+        if r["kind"] == "near" and r["of"] in present:
             near_in_group[r["of"]] = near_in_group.get(r["of"], 0) + 1
     removed: dict[int, int] = {}
     for i in near_ids:
