@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2-weight", type=float, default=1.0)
     ap.add_argument("--n-train", type=int, default=320)
     ap.add_argument("--n-test", type=int, default=24)
+    ap.add_argument("--reuse-a", action="store_true", help="reuse WORK/runs/task_a when it has finished")
+    ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--variants", default="plain,ewc,replay,l2_sp")
     ap.add_argument("--work", default=str(ROOT / "bench" / "results" / "ewc_work"))
@@ -209,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
               f"B exact {results[label]['task_b']['exact_match']:.2f}", flush=True)
         del model
 
-    record("base", base_dir)
+    if not args.skip_base:
+        record("base", base_dir)
     t = time.time()
-    run_a = train(make_cfg("task_a", base_model, data["a_train"], work, args, steps=args.steps_a, lr=args.lr_a))
+    done_a = work / "runs" / "task_a" / "train_result.json"
+    if args.reuse_a and done_a.exists():
+        run_a = json.loads(done_a.read_text(encoding="utf-8"))
+    else:
+        run_a = train(make_cfg("task_a", base_model, data["a_train"], work, args, steps=args.steps_a, lr=args.lr_a))
     timings["task_a"] = time.time() - t
     record("after A", run_a["run_dir"])
     from_a = {"source": "hf", "path": str(Path(run_a["run_dir"]) / "final")}
