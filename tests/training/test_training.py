@@ -180,21 +180,21 @@ def test_default_model_finetunes_and_stops(tmp_path: Path) -> None:
     cfg_path.write_text(yaml.safe_dump({
         "model": {"source": "default"}, "data": {"path": str(data)},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "training": {"max_steps": 12, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-                     "max_length": 160, "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "report_to": [],
+        "training": {"max_steps": 8, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                     "max_length": 128, "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "report_to": [],
                      "gradient_checkpointing": False, "early_stopping": None},
         "output_dir": str(tmp_path / "run"),
     }))
     cfg = tunesmith.load_config(cfg_path)
     r = train(cfg, tunesmith.registry())
     losses = losses_of(Path(r["run_dir"]))
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
     model, tok, info = load_trained(r["run_dir"])
     tok.padding_side = "left"
-    prompts = [render_prompt(tok, row["messages"][:-1]) for row in rows[40:44]]
+    prompts = [render_prompt(tok, row["messages"][:-1]) for row in rows[40:42]]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=40, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=32, do_sample=False)
     for seq in out[:, enc["input_ids"].shape[1]:].tolist():
         assert tok.eos_token_id in seq, tok.decode(seq)  # it stopped before the token budget
         text = tok.decode(seq[: seq.index(tok.eos_token_id)])
