@@ -22,7 +22,7 @@ def invoke(*args: str) -> tuple[int, str, BaseException | None]:
     from tunesmith.cli import cli
 
     r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.output, r.exception
+    return r.exit_code, r.stdout, r.exception
 
 
 def test_stage_names_and_plans() -> None:

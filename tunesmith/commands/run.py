@@ -50,8 +50,14 @@ def command(config: str, from_stage: str | None, until: str | None, resume: bool
         else:
             console.print(f"[red]✗[/red] {stage} failed after {info.get('seconds', 0):.1f}s: {info.get('error')}")
 
-    summary = run_pipeline(cfg, regs, from_stage=from_stage, resume=resume, until=until,
-                           progress=not as_json, on_stage=on_stage)
+    import contextlib
+    import sys
+
+    # with --json, stdout carries the summary only: what the stages print goes to stderr
+    redirect = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    with redirect:
+        summary = run_pipeline(cfg, regs, from_stage=from_stage, resume=resume, until=until,
+                               progress=not as_json, on_stage=on_stage)
     if as_json:
         echo_json(summary)
     else:
