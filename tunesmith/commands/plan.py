@@ -147,7 +147,7 @@ def estimate_cmd(params_b: float | None, model: str | None, target_modules: str,
     console.print(mem)
     for m in est.methods.values():
         console.print(f"{m.method} fits on: {', '.join(m.fits_on) or 'none of the known GPUs'}")
-    t = Table(title=f"time (hours, at {est.settings['utilization']:.0%} of peak)", header_style="bold")
+    t = Table(title=f"training time (at {est.settings['utilization']:.0%} of peak FLOP/s)", header_style="bold")
     t.add_column("GPU")
     t.add_column("TFLOP/s", justify="right")
     for name in est.methods:
@@ -156,9 +156,20 @@ def estimate_cmd(params_b: float | None, model: str | None, target_modules: str,
         cells = []
         for m in est.methods.values():
             v = m.per_gpu[g]
-            cells.append(f"{v['hours']:.3g}" + ("" if v["fits"] else " (OOM)"))
+            cells.append(_duration(v["hours"]) + ("" if v["fits"] else " (OOM)"))
         t.add_row(g, f"{GPUS[g][1]:g}", *cells)
     console.print(t)
     gd = est.guide
     console.print(f"the guide's formulas: full {gd['full_gb']:.1f} GB, LoRA {gd['lora_gb']:.1f} GB, QLoRA {gd['qlora_gb']:.1f} GB, "
-                  f"{gd['time_hours_a100']:.3g} h on an A100 (see docs/planning.md)")
+                  f"{_duration(gd['time_hours_a100'])} on an A100 (see docs/planning.md)")
+
+
+def _duration(hours: float) -> str:
+    s = hours * 3600
+    if s < 60:
+        return f"{s:.2g} s"
+    if s < 3600:
+        return f"{s / 60:.3g} min"
+    if hours < 48:
+        return f"{hours:.3g} h"
+    return f"{hours / 24:.3g} days"
