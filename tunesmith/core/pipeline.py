@@ -78,8 +78,10 @@ def stage_data(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool)
 def stage_train(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool) -> dict:
     from tunesmith.core.training import train
 
-    # a failed training stage restarts from its last complete checkpoint
-    resume = any(rd.checkpoints_dir.glob("checkpoint-*")) if rd.checkpoints_dir.exists() else False
+    # a training stage that failed (or was killed) restarts from its last complete
+    # checkpoint when it is run again with --from/--resume; a fresh run starts over
+    resume = bool(ctx.state.get("retrying_train")) and rd.checkpoints_dir.exists() and any(
+        rd.checkpoints_dir.glob("checkpoint-*"))
     result = train(cfg, regs, resume=resume)
     return dict(result or {})
 
@@ -190,6 +192,7 @@ def run_pipeline(
     rd = RunDir.for_config(cfg).ensure()
     state = read_state(rd.root)
     stages = plan_stages(state, from_stage=from_stage, resume=resume, until=until)
+    previous_train = (state.get("stages", {}).get("train") or {}).get("status")
     if not from_stage and not resume:
         # a fresh run: forget what an earlier run in this directory did
         state = {"stages": {}}
@@ -199,6 +202,7 @@ def run_pipeline(
     rd.write_config(cfg)
     write_state(rd.root, state)
     ctx = RunContext(config=cfg, run_dir=rd.root, registries=registries)
+    ctx.state["retrying_train"] = bool(from_stage or resume) and previous_train in ("failed", "running")
     warnings: list[str] = []
     for s in STAGES[: STAGES.index(stages[0])] if stages else []:
         prev = state["stages"].get(s, {})
