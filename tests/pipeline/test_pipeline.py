@@ -68,10 +68,11 @@ def test_quickstart_runs_fails_and_restarts_from_a_stage(tiny_model_dir: Path, t
 
     # the summary: data, training, base vs tuned, artefacts, registry
     d = summary["data"]
-    assert (d["rows_in"], d["kept"], d["rejected"]) == (325, 320, 5)
-    assert d["rejected_by"] == {"exact_dedupe": 5}
-    assert sum(d["splits"].values()) == 320
-    assert summary["train"]["steps"] == 2 and summary["train"]["loss"] > 0
+    # five planted duplicates; near-duplicate detection may take a templated row or two
+    assert d["rows_in"] == 325 and d["kept"] + d["rejected"] == 325 and 5 <= d["rejected"] <= 8
+    assert d["rejected_by"]["exact_dedupe"] == 5 and sum(d["rejected_by"].values()) == d["rejected"]
+    assert sum(d["splits"].values()) == d["kept"]
+    assert summary["train"]["steps"] == 2 and summary["train"]["loss"] > 0 and summary["train"]["last_loss"] > 0
     metrics = {(r["evaluator"], r["metric"]): r for r in summary["metrics"]}
     em = metrics[("generation", "exact_match")]
     assert em["base"] is not None and em["tuned"] is not None
@@ -83,12 +84,12 @@ def test_quickstart_runs_fails_and_restarts_from_a_stage(tiny_model_dir: Path, t
     assert versions["versions"][0]["metrics"]["generation.exact_match"] == em["tuned"]
     # the rejected rows are in the run directory, with file and line
     rejects = [json.loads(x) for x in (run / "data" / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 5 and all(r["line"] for r in rejects)
+    assert len(rejects) == d["rejected"] and all(r["line"] for r in rejects)
 
     # 3. the human summary
     code, out, exc = invoke("run", *common, "--set", f"registry.path={tmp_path / 'registry'}", "--from", "register")
     assert code == 0, (out, exc)
-    assert "325 rows in, 320 kept, 5 rejected (exact_dedupe 5)" in out
+    assert f"325 rows in, {d['kept']} kept, {d['rejected']} rejected (exact_dedupe 5" in out
     assert "base vs tuned" in out and "exact_match" in out and "version v2" in out
 
 

@@ -106,8 +106,10 @@ def print_summary(s: dict, console) -> None:  # type: ignore[no-untyped-def]
                      + (f" ({by})" if by else "") + (f"; split {splits}" if splits else ""))
     t = s.get("train") or {}
     if t.get("steps") is not None:
-        lines.append(f"[bold]training[/bold]  {t['steps']} steps in {_f(t.get('seconds'), 3)}s, final train loss "
-                     f"{_f(t.get('loss'))}" + (f", eval loss {_f(t.get('eval_loss'))}" if t.get("eval_loss") is not None else ""))
+        loss = f"train loss {_f(t.get('last_loss'))} (mean {_f(t.get('loss'))})" if t.get("last_loss") is not None \
+            else f"mean train loss {_f(t.get('loss'))}"
+        lines.append(f"[bold]training[/bold]  {t['steps']} steps in {_f(t.get('seconds'), 3)}s, {loss}"
+                     + (f", eval loss {_f(t.get('eval_loss'))}" if t.get("eval_loss") is not None else ""))
     reg = s.get("registry") or {}
     if reg.get("version") is not None:
         lines.append(f"[bold]registry[/bold]  {reg.get('name', '')} version {reg['version']} ({reg.get('stage', 'registered')})")
@@ -120,9 +122,14 @@ def print_summary(s: dict, console) -> None:  # type: ignore[no-untyped-def]
         for col in ("evaluator", "metric", "base", "tuned", "change"):
             table.add_column(col, justify="left" if col in ("evaluator", "metric") else "right")
         for r in rows:
-            ch = r.get("change")
-            table.add_row(r["evaluator"], r["metric"], _f(r.get("base")), _f(r.get("tuned")),
-                          "-" if ch is None else f"{ch:+.1%}")
+            ch, b, tu = r.get("change"), r.get("base"), r.get("tuned")
+            if ch is not None and abs(ch) < 10:
+                shown = f"{ch:+.1%}"
+            elif b is not None and tu is not None:
+                shown = f"{tu - b:+.4g}"  # from zero (or a tiny base) a percentage says nothing
+            else:
+                shown = "-"
+            table.add_row(r["evaluator"], r["metric"], _f(b), _f(tu), shown)
         console.print(table)
     a = s.get("artefacts") or {}
     where = [("eval report", a.get("eval_report")), ("plots", a.get("plots")), ("data report", d.get("report")),

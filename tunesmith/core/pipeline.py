@@ -189,7 +189,7 @@ def run_pipeline(
     :param on_stage: called as ``on_stage(stage, event, info)`` with event
         ``start``, ``done`` or ``failed`` (the CLI prints progress with it).
     """
-    rd = RunDir.for_config(cfg).ensure()
+    rd = RunDir(RunDir.for_config(cfg).root.resolve()).ensure()
     state = read_state(rd.root)
     stages = plan_stages(state, from_stage=from_stage, resume=resume, until=until)
     previous_train = (state.get("stages", {}).get("train") or {}).get("status")
@@ -293,6 +293,7 @@ def build_summary(cfg: Any, rd: RunDir, state: dict, *, warnings: list[str] | No
         },
         "train": {
             "loss": train.get("train_loss"),
+            "last_loss": _last_logged(rd.metrics_path, "loss"),
             "eval_loss": train.get("eval_loss"),
             "steps": train.get("steps", train.get("global_step")),
             "seconds": train.get("runtime_s", (st.get("train") or {}).get("seconds")),
@@ -312,6 +313,23 @@ def build_summary(cfg: Any, rd: RunDir, state: dict, *, warnings: list[str] | No
         "wall_seconds": round(sum((st.get(s) or {}).get("seconds") or 0 for s in STAGES), 1),
     }
     return summary
+
+
+def _last_logged(path: Path, key: str) -> float | None:
+    """The last value of ``key`` in metrics.jsonl (the mean train loss hides the final one)."""
+    import json
+
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row.get(key), (int, float)):
+            last = float(row[key])
+    return last
 
 
 def _rejected_by(data: dict) -> dict:
