@@ -34,7 +34,7 @@ class LocalGenerator:
 
         key = json.dumps(options.model, sort_keys=True)
         if key not in self._cache:
-            from tunesmith.core.config import ModelSection, validate_plugin_sections  # noqa: F401
+            from tunesmith.core.config import ModelSection
             from tunesmith.core.models import load_model_and_tokenizer
 
             registries = getattr(context, "registries", None)
