@@ -66,11 +66,6 @@ def test_multitask(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert len(json.dumps(mixing)) > 2 and s["data"]["kept"] > 0
 
 
-@pytest.mark.xfail(
-    reason="preference training crashes in Trainer.prediction_step on the validation pairs "
-    "(TunesmithTrainer.compute_loss returns outputs=None; transformers slices outputs[1:])",
-    strict=False,
-)
 def test_dpo(tiny_model_dir: Path, tmp_path: Path) -> None:
     s = run_example("dpo.yaml", tiny_model_dir, tmp_path)
     assert s["train"]["steps"] == 2

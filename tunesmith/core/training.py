@@ -403,7 +403,10 @@ def make_trainer_class() -> type:
                 term = value * weight if weight != 1.0 else value
                 total = term if total is None else total + term
             if return_outputs:
-                return total, batch._outputs
+                # losses that run their own forward passes (DPO, reward) leave no
+                # model outputs: give the evaluation loop a dict with the loss only
+                outputs = batch._outputs if batch._outputs is not None else {"loss": total.detach()}
+                return total, outputs
             return total
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
