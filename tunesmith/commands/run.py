@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import click
-
-# OpenMP threads that spin while waiting make torch many times slower when the CPU
-# is shared (measured here: 30-43 s per LoRA step instead of 8 s with two busy
-# neighbours). Sleeping waiters cost little on an idle machine. This must be set
-# before torch is imported; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tunesmith.commands._common import echo_json, json_option, set_option
 
