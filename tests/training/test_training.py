@@ -180,7 +180,7 @@ def test_default_model_finetunes_and_stops(tmp_path: Path) -> None:
     cfg_path.write_text(yaml.safe_dump({
         "model": {"source": "default"}, "data": {"path": str(data)},
         "peft": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "training": {"max_steps": 8, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+        "training": {"max_steps": 24, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "max_length": 128, "logging_steps": 1, "save_steps": 0, "eval_steps": 0, "report_to": [],
                      "gradient_checkpointing": False, "early_stopping": None},
         "output_dir": str(tmp_path / "run"),
