@@ -33,8 +33,12 @@ def command(config: str, resume: bool, output: str | None, overrides: tuple[str,
     if as_json:
         echo_json(result)
     else:
+        if "reward_start" in result:  # PPO / GRPO report the reward, not a loss
+            progress = f"mean reward {result['reward_start']:.3f} -> {result['reward_end']:.3f}"
+        else:
+            progress = f"train loss {result.get('train_loss', float('nan')):.4f}"
         click.echo(
-            f"done: {result.get('steps')} steps, train loss {result.get('train_loss', float('nan')):.4f}"
+            f"done: {result.get('steps')} steps, {progress}"
             + (f", eval loss {result['eval_loss']:.4f}" if "eval_loss" in result else "")
             + f"; final model in {result.get('output_path')}"
         )
