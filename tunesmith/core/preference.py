@@ -249,11 +249,9 @@ def _final_logs(history: list[dict], prefix: str) -> dict:
 
 def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> dict:
     import shutil
-    import time
     from pathlib import Path
 
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
 
     from tunesmith.core.context import RunContext
     from tunesmith.core.io import atomic_write_json
@@ -261,16 +259,15 @@ def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> 
     from tunesmith.core.training import (
         CHECKPOINT_RE,
         ListDataset,
-        TunesmithTrainer,
-        _model_info,
         _say,
         auto_learning_rate,
         build_training_arguments,
+        final_info,
         last_checkpoint,
         peft_options,
         prepare_model,
+        run_trainer,
         save_final,
-        standard_callbacks,
         training_records,
     )
 
@@ -318,27 +315,12 @@ def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> 
         cfg, run, has_eval=eval_ds is not None, learning_rate=float(lr),
         prediction_loss_only=True, label_names=["labels"],
     )
-    trainer = TunesmithTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, losses=losses, run=context, batch_kind="pairs",
-        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
-    )
-    trainer.remove_callback(PrinterCallback)
     method_opts = peft_options(cfg, method)
-    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
-        trainer.add_callback(cb)
-    context.state["trainer"] = trainer
-    for _name, plugin, options, _w in losses:
-        if hasattr(plugin, "setup"):
-            plugin.setup(model, options, context)
-    context.emit("before_train")
-    t0 = time.time()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException as exc:
-        context.emit("on_train_error", error=exc)
-        raise
-    runtime = time.time() - t0
+    trainer, out, runtime = run_trainer(
+        cfg, context, model=model, tok=tok, method=method, method_opts=method_opts, args=args,
+        train_ds=train_ds, eval_ds=eval_ds, collator=collator, losses=losses, batch_kind="pairs",
+        checkpoint=checkpoint,
+    )
     result: dict[str, Any] = {
         "run_dir": str(run.root),
         "output_path": str(run.final_dir),
@@ -358,21 +340,12 @@ def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> 
     if evals:
         result["eval_loss"] = float(evals[-1]["eval_loss"])
     if trainer.is_world_process_zero():
-        info = {
-            "base_model_dir": str(base_dir),
-            "model": _model_info(cfg, registries),
-            "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {},
-                     "mergeable": bool(getattr(method, "mergeable", False))},
-            "objective": objective,
-            "head": "sequence_classification" if objective == "reward" else "causal_lm",
-            "losses": [{"name": n, "weight": w} for n, _, _, w in losses],
-            "max_length": max_length,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "chat_template": bool(getattr(tok, "chat_template", None)),
-            "steps": result["steps"],
-            "train_loss": result["train_loss"],
-            "config_hash": cfg.hash(),
-        }
+        info = final_info(
+            cfg, registries, base_dir=base_dir, method=method, method_opts=method_opts, model=model, tok=tok,
+            result=result, objective=objective,
+            head="sequence_classification" if objective == "reward" else "causal_lm",
+            losses=[{"name": n, "weight": w} for n, _, _, w in losses],
+        )
         save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
         atomic_write_json(Path(run.root) / "train_result.json", result)
     context.emit("after_train", result=result)

@@ -768,28 +768,11 @@ def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir
     method_opts = peft_options(cfg, method)
     batch_kind = "tokens"
     losses = _losses_for(cfg, registries, batch_kind)
-    trainer = TunesmithTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, losses=losses, run=context, batch_kind=batch_kind,
-        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
+    trainer, out, runtime = run_trainer(
+        cfg, context, model=model, tok=tok, method=method, method_opts=method_opts, args=args,
+        train_ds=train_ds, eval_ds=eval_ds, collator=collator, losses=losses, batch_kind=batch_kind,
+        checkpoint=checkpoint,
     )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
-    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
-        trainer.add_callback(cb)
-    context.state["trainer"] = trainer
-    for name, plugin, options, _w in losses:
-        if hasattr(plugin, "setup"):
-            plugin.setup(model, options, context)
-    context.emit("before_train")
-    t0 = time.time()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException as exc:
-        context.emit("on_train_error", error=exc)
-        raise
-    runtime = time.time() - t0
     result: dict[str, Any] = {
         "run_dir": str(run.root),
         "output_path": str(run.final_dir),
@@ -814,20 +797,77 @@ def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir
         atomic_write_json(run.root / "ranks" / f"rank-{rank}.json",
                           {"rank": rank, "world_size": world, "steps": result["steps"], "tokens": int(trainer.tokens_seen)})
     if trainer.is_world_process_zero():
-        info = {
-            "base_model_dir": str(base_dir),
-            "model": _model_info(cfg, registries),
-            "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {}, "mergeable": bool(getattr(method, "mergeable", False))},
-            "objective": cfg.objective,
-            "max_length": cfg.training.max_length,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "chat_template": bool(getattr(tok, "chat_template", None)),
-            "steps": result["steps"],
-            "train_loss": result["train_loss"],
-            "config_hash": cfg.hash(),
-        }
+        info = final_info(cfg, registries, base_dir=base_dir, method=method, method_opts=method_opts,
+                          model=model, tok=tok, result=result)
         save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
         atomic_write_json(run.root / "train_result.json", result)
     context.emit("after_train", result=result)
     _say(f"trained {result['steps']} steps in {runtime:.0f}s; loss {result['train_loss']:.4f}; saved {run.final_dir}")
     return result
+
+
+def run_trainer(
+    cfg: Any,
+    context: RunContext,
+    *,
+    model: Any,
+    tok: Any,
+    method: Any,
+    method_opts: Any,
+    args: Any,
+    train_ds: Any,
+    eval_ds: Any,
+    collator: Any,
+    losses: list[tuple[str, Any, Any, float]],
+    batch_kind: str,
+    checkpoint: Any = None,
+) -> tuple[Any, Any, float]:
+    """Build the :class:`TunesmithTrainer` with the standard callbacks and the PEFT
+    method's own, set the losses up, and train between the lifecycle events.
+
+    Returns ``(trainer, train_output, runtime_s)``. Shared by every objective that
+    trains through the Trainer (sft, cpt, dpo, reward).
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    run = RunDir(Path(context.run_dir))
+    trainer = TunesmithTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tok, losses=losses, run=context, batch_kind=batch_kind,
+        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
+    )
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
+    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
+        trainer.add_callback(cb)
+    context.state["trainer"] = trainer
+    for _name, plugin, options, _w in losses:
+        if hasattr(plugin, "setup"):
+            plugin.setup(model, options, context)
+    context.emit("before_train")
+    t0 = time.time()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException as exc:
+        context.emit("on_train_error", error=exc)
+        raise
+    return trainer, out, time.time() - t0
+
+
+def final_info(cfg: Any, registries: Any, *, base_dir: Any, method: Any, method_opts: Any, model: Any, tok: Any,
+               result: dict, objective: str | None = None, **extra: Any) -> dict:
+    """What ``final/tunesmith.json`` records about a trained model (read by load_trained and the exporters)."""
+    info = {
+        "base_model_dir": str(base_dir),
+        "model": _model_info(cfg, registries),
+        "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {},
+                 "mergeable": bool(getattr(method, "mergeable", False))},
+        "objective": objective or cfg.objective,
+        **extra,
+        "max_length": cfg.training.max_length,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "chat_template": bool(getattr(tok, "chat_template", None)),
+        "steps": result["steps"],
+        "train_loss": result["train_loss"],
+        "config_hash": cfg.hash(),
+    }
+    return info
