@@ -240,7 +240,7 @@ def _child(which: str, data_path: str, out_path: str, q) -> None:
 
     from tunesmith.core.context import RunContext
     from tunesmith.core.data import load_records
-    from tunesmith.testing import tokenizer_dir
+    from tunesmith.core.paths import tokenizer_dir
 
     import tunesmith
 

@@ -69,7 +69,7 @@ def main() -> None:
 
     from tunesmith.core.export import export_run
     from tunesmith.core.models import convert_gguf
-    from tunesmith.testing import default_gguf_path
+    from tunesmith.core.paths import default_gguf_path
 
     base = convert_gguf(default_gguf_path())
     tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))

@@ -184,3 +184,19 @@ def test_lifecycle_hooks_reach_plugins(tunesmith_plugin):
     assert run.emit("after_step", step=1, logs={"loss": 1.0}) == [False]
     assert any(run.emit("after_step", step=2, logs={"loss": 0.5}))
     assert seen == [(1, 1.0), (2, 0.5)]
+
+
+def test_runtime_modules_do_not_need_pytest():
+    """pytest is a dev extra: nothing a user runs may import it (tunesmith.testing is for tests)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tunesmith\n"
+        "regs = tunesmith.registry()\n"
+        "import tunesmith.core.models, tunesmith.core.data_clean, tunesmith.core.paths, tunesmith.core.training\n"
+        "from tunesmith.core.paths import cache_dir, default_gguf_path; cache_dir(); default_gguf_path()\n"
+        "print('pytest' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -94,7 +94,7 @@ def get_tokenizer(context: Any) -> Any:
 
             path = resolve_model_dir(cfg.model, getattr(context, "registries", None))
     if path is None:
-        from tunesmith.testing import tokenizer_dir
+        from tunesmith.core.paths import tokenizer_dir
 
         path = tokenizer_dir()
     tok = AutoTokenizer.from_pretrained(str(path))

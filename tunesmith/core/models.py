@@ -290,7 +290,7 @@ def gguf_cache_dir(gguf_file: str | Path) -> Path:
     """Where the dequantised copy of a GGUF file is cached (keyed by name, size, mtime)."""
     import hashlib
 
-    from tunesmith.testing import cache_dir
+    from tunesmith.core.paths import cache_dir
 
     p = Path(gguf_file).resolve()
     st = p.stat()

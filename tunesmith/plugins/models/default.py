@@ -22,7 +22,7 @@ class DefaultModel:
 
     def resolve(self, options: object) -> Path:
         from tunesmith.core.models import convert_gguf
-        from tunesmith.testing import default_gguf_path
+        from tunesmith.core.paths import default_gguf_path
 
         return convert_gguf(default_gguf_path())
 
