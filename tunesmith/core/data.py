@@ -709,45 +709,23 @@ def write_records(
 
 
 # --------------------------------------------------------------------------- re-exports (lazy, no cycles)
-def clean_records(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_clean import clean_records as f
-
-    return f(*args, **kwargs)
-
-
-def split_records(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_ops import split_records as f
-
-    return f(*args, **kwargs)
-
-
-def mix_sources(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_ops import mix_sources as f
-
-    return f(*args, **kwargs)
-
-
-def chunk_texts(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_ops import chunk_texts as f
-
-    return f(*args, **kwargs)
-
-
-def prepare_data(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_ops import prepare_data as f
-
-    return f(*args, **kwargs)
-
-
-def build_report(*args: Any, **kwargs: Any) -> Any:
-    from tunesmith.core.data_report import build_report as f
-
-    return f(*args, **kwargs)
+#: names this module re-exports from the modules that build on it, imported on first use
+_LAZY = {
+    "clean_records": "tunesmith.core.data_clean",
+    "Verdict": "tunesmith.core.data_clean",
+    "DEFAULT_CLEANERS": "tunesmith.core.data_clean",
+    "run_cleaner": "tunesmith.core.data_clean",
+    "split_records": "tunesmith.core.data_ops",
+    "mix_sources": "tunesmith.core.data_ops",
+    "chunk_texts": "tunesmith.core.data_ops",
+    "prepare_data": "tunesmith.core.data_ops",
+    "build_report": "tunesmith.core.data_report",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Verdict", "DEFAULT_CLEANERS", "run_cleaner"):
-        from tunesmith.core import data_clean
+    if name in _LAZY:
+        import importlib
 
-        return getattr(data_clean, name)
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
