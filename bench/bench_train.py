@@ -7,6 +7,12 @@ three; real (non-padding) tokens per second and peak RSS for each, and the ratio
 Part 2 (widely varied lengths): tunesmith with naive padded batches against
 packing, padding-free batches and length-grouped batches.
 
+All three draw the same batches (the same rows, the same sampler seed ``data_seed=42``
+as tunesmith's ``training.seed``): the real-token counts printed for each must agree,
+otherwise the comparison is off. Each uses its library's defaults otherwise
+(tunesmith: the output head at labelled positions only, 16-bit CPU dropout masks,
+transformers' default fused AdamW).
+
 Every variant runs in its own child process (so peak RSS is its own); the parent
 prints a table and writes bench/results/bench_train.json.
 
@@ -57,20 +63,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class Counting:
-    """Wrap a collator; count real (non-padding) tokens of every batch it builds."""
+class CountTokens:
+    """Trainer mixin: count the real (non-padding) tokens of every batch the model trains on.
 
-    def __init__(self, inner):  # type: ignore[no-untyped-def]
-        self.inner = inner
-        self.tokens = 0
+    Counted in ``compute_loss``, as tunesmith counts them: a collator wrapper would also
+    count the batch the dataloader prefetches after the last step.
+    """
 
-    def __call__(self, feats):  # type: ignore[no-untyped-def]
-        b = self.inner(feats)
-        if "attention_mask" in b and b["attention_mask"] is not None:
-            self.tokens += int(b["attention_mask"].sum())
-        else:
-            self.tokens += int(b["input_ids"].numel())
-        return b
+    tokens = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def counted(trainer_cls: type) -> type:
+    return type(f"Counted{trainer_cls.__name__}", (CountTokens, trainer_cls), {})
 
 
 def lora_config(r: int):  # type: ignore[no-untyped-def]
@@ -129,13 +139,12 @@ def run_trl(args: argparse.Namespace, rows: list[dict]) -> dict:
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=2e-4, max_length=args.max_length, use_cpu=True, bf16=False,
         report_to=[], logging_steps=args.steps, save_strategy="no", gradient_checkpointing=False, packing=False,
-        disable_tqdm=True, seed=42, warmup_steps=0,
+        disable_tqdm=True, seed=42, data_seed=42, warmup_steps=0,
     )
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora_config(args.r))
-    trainer.data_collator = counter = Counting(trainer.data_collator)
+    trainer = counted(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora_config(args.r))
     t0 = time.time()
     trainer.train()
-    return {"tokens": counter.tokens, "train_s": round(time.time() - t0, 2)}
+    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2)}
 
 
 def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
@@ -150,13 +159,13 @@ def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-hf-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=2e-4, use_cpu=True, report_to=[], logging_steps=args.steps,
-        save_strategy="no", disable_tqdm=True, seed=42, remove_unused_columns=False, warmup_steps=0,
+        save_strategy="no", disable_tqdm=True, seed=42, data_seed=42, remove_unused_columns=False, warmup_steps=0,
     )
-    counter = Counting(DataCollatorForLanguageModeling(tok, mlm=False))
-    trainer = Trainer(model=model, args=targs, train_dataset=feats, data_collator=counter)
+    trainer = counted(Trainer)(model=model, args=targs, train_dataset=feats,
+                               data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     t0 = time.time()
     trainer.train()
-    return {"tokens": counter.tokens, "train_s": round(time.time() - t0, 2)}
+    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2)}
 
 
 def child(name: str, args: argparse.Namespace) -> None:
@@ -213,6 +222,9 @@ def main() -> None:
     def tps(k: str) -> float:
         return float(results.get(k, {}).get("tokens_per_s") or 0.0)
 
+    padded = {k: results[k].get("tokens") for k in ("transformers", "trl", "tunesmith") if k in results and "error" not in results[k]}
+    if len(set(padded.values())) > 1:
+        print(f"WARNING: the padded variants trained on different batches (real tokens {padded}); the ratios compare unlike work")
     ratios = {}
     if tps("tunesmith") and (tps("trl") or tps("transformers")):
         best_plain = max(tps("trl"), tps("transformers"))

@@ -50,8 +50,16 @@ def test_grpo_reward_rises(rl_model_dir: Path, rl_target: tuple[str, float], pro
     pattern, _share = rl_target
     cfg = tunesmith.validate_config(rl_config(rl_model_dir, prompts_file, tmp_path / "run", "grpo", pattern, batch_size=16, num_generations=4, kl_coef=0.04))
     cfg.training.max_steps = 6
+    cfg.training.save_steps = 3
     result = train(cfg)
     rows = _check_run(tmp_path / "run", result, 6)
+    # TRL's trainer gets tunesmith's checkpoints: staged + renamed, no pickle
+    ckpts = sorted(p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert [c.name for c in ckpts] == ["checkpoint-3", "checkpoint-6"]
+    for c in ckpts:
+        names = {p.name for p in c.iterdir()}
+        assert {"COMPLETE", "optimizer.safetensors", "scheduler.json", "rng_state.safetensors", "training_args.json"} <= names, names
+        assert not [n for n in names if n.endswith((".pt", ".pth", ".bin"))], names
     _rises(rows, rl_target)
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference (adapter disabled)
     assert result["reward_end"] > result["reward_start"]

@@ -93,6 +93,11 @@ def test_sigkill_then_resume_equals_uninterrupted(make_cfg: Any, tmp_path: Path)
     assert not (run / "final").exists()
     done = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
     assert done and all((run / "checkpoints" / d / "trainer_state.json").exists() for d in done)
+    for d in done:  # training state as safetensors + JSON: no pickle anywhere in a checkpoint
+        names = {p.name for p in (run / "checkpoints" / d).iterdir()}
+        assert {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.safetensors",
+                "rng_state.json", "training_args.json", "adapter_model.safetensors", "COMPLETE"} <= names, names
+        assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".pickle"))], names
 
     resumed = _run_cli(["train", str(cfg_path), "--resume", "--json"])
     out, _ = resumed.communicate(timeout=600)

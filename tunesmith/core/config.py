@@ -162,7 +162,9 @@ class TrainingSection(Strict):
     warmup_steps: int = 0
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    optimizer: str = "adamw_torch"
+    #: a transformers optimizer name (adamw_torch, adamw_torch_fused, adamw_8bit, sgd, ...);
+    #: auto = transformers' default for the installed torch (fused AdamW on torch >= 2.8)
+    optimizer: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
     gradient_checkpointing: bool = True

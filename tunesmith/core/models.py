@@ -250,11 +250,16 @@ def load_trained(
     dtype: Any = None,
     padding_side: str = "right",
     merge: bool = False,
+    quantized: bool | None = None,
 ) -> tuple[Any, Any, dict]:
     """(model, tokenizer, info) of a finished run: the base model with the trained
     adapter applied (or the full fine-tuned model). ``info`` is ``final/tunesmith.json``:
     ``base_model_dir``, ``model`` (source section), ``peft`` (method + options),
-    ``objective``, ``max_length``. ``merge=True`` merges a mergeable adapter."""
+    ``objective``, ``max_length``. ``merge=True`` merges a mergeable adapter.
+
+    An adapter trained on a quantised base (QLoRA) is put on the base quantised the
+    same way, as it was trained (``quantized=None`` means that, unless merging);
+    ``quantized=False`` loads the full-precision base instead."""
     final = final_dir_of(run_dir_or_final_dir)
     info = read_info(final)
     if registries is None:
@@ -276,7 +281,12 @@ def load_trained(
 
             section = ModelSection.model_validate(info.get("model") or {"source": "default"})
             base = resolve_model_dir(section, registries)
-        model, tok = load_from_dir(base, dtype=dtype, padding_side=padding_side, tokenizer_path=final)
+        quant = None
+        if quantized is None:
+            quantized = not merge
+        if quantized and hasattr(method, "quantization_config"):
+            quant = method.quantization_config(options)
+        model, tok = load_from_dir(base, dtype=dtype, padding_side=padding_side, tokenizer_path=final, quantization=quant)
         model = method.load(model, final, options)
         sync_model_tokens(model, tok)
     if merge and getattr(method, "mergeable", False) and hasattr(method, "merge"):

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core import state_io
 from tunesmith.core.context import RunContext
 from tunesmith.core.errors import ConfigError, DataError, TunesmithError
 from tunesmith.core.io import atomic_dir, atomic_open, atomic_write_json, atomic_write_text
@@ -366,7 +367,10 @@ def train_grpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dic
             plot_rl(self.rows, run.plots_dir / "rl.png")
 
     curves = RLCurves()
-    trainer = GRPOTrainer(
+    from tunesmith.core.training import SafeCheckpoints
+
+    trainer_cls = type("TunesmithGRPOTrainer", (SafeCheckpoints, GRPOTrainer), {})  # atomic, pickle-free checkpoints
+    trainer = trainer_cls(
         model=model,
         reward_funcs=_grpo_reward_funcs(rewards, rows),
         args=args,
@@ -499,20 +503,13 @@ def _forward(model: Any, value_head: Any, seq: Any, attn: Any, n_prompt: int, te
 
 def _save_ppo_checkpoint(folder: Path, model: Any, method: Any, value_head: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
     """Adapter + value head + optimiser moments (safetensors) + state JSON, written atomically."""
-    import torch
     from safetensors.torch import save_file
 
     with atomic_dir(folder, overwrite=True) as tmp:
         method.save(model, tmp)
         save_file({k: v.detach().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
-        tensors: dict[str, Any] = {}
-        for idx, st in optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
-        atomic_write_json(tmp / "optimizer_groups.json", groups)
-        atomic_write_json(tmp / "scheduler.json", scheduler.state_dict())
+        state_io.save_optimizer(optimizer, tmp)
+        state_io.save_state_dict_json(scheduler, tmp / state_io.SCHEDULER_FILE)
         atomic_write_json(tmp / "trainer_state.json", state)
 
 
@@ -526,14 +523,8 @@ def _load_ppo_checkpoint(folder: Path, model: Any, value_head: Any, optimizer: A
     elif (folder / "model.safetensors").exists():
         model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
     value_head.load_state_dict(load_file(str(folder / "value_head.safetensors")))
-    flat = load_file(str(folder / "optimizer.safetensors"))
-    state: dict[int, dict] = {}
-    for key, v in flat.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    groups = json.loads((folder / "optimizer_groups.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+    state_io.load_optimizer(optimizer, folder)
+    state_io.load_state_dict_json(scheduler, folder / state_io.SCHEDULER_FILE)
     return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
 
 

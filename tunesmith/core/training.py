@@ -31,7 +31,13 @@ keys) with attributes
 * ``accumulation_steps`` and ``world_size``;
 * ``forward(model)`` - the model's forward pass on the batch, run once and shared
   by every loss (it passes ``labels`` and ``num_items_in_batch``, so
-  ``outputs.loss`` is the token-weighted cross-entropy).
+  ``outputs.loss`` is the token-weighted cross-entropy);
+* ``token_loss(model, label_smoothing=0.0)`` - the same token-weighted
+  cross-entropy, but the output head runs only at the labelled positions: with
+  completion-only labels most positions are prompt, and their vocabulary-sized
+  logits (and the softmax over them) are never computed. Falls back to
+  ``forward(model)`` where that is not possible (prompt-learning PEFT methods, a
+  model without an output head module) and reuses it when it already ran.
 
 Scaling: a loss that normalises by ``num_items_in_batch`` sets
 ``scaled_for_accumulation = True`` on the plugin object (the trainer then scales
@@ -62,6 +68,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core import state_io
 from tunesmith.core.context import RunContext
 from tunesmith.core.errors import ConfigError, DataError, TunesmithError
 from tunesmith.core.io import atomic_dir, atomic_open, atomic_write_json, atomic_write_text
@@ -301,7 +308,6 @@ def build_training_arguments(cfg: Any, run_dir: str | Path | RunDir, *, has_eval
         warmup_steps=warmup,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
         tf32=bool(t.tf32) if cuda else None,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
@@ -327,6 +333,8 @@ def build_training_arguments(cfg: Any, run_dir: str | Path | RunDir, *, has_eval
         include_num_input_tokens_seen="non_padding",
         **flags,
     )
+    if t.optimizer != "auto":
+        kwargs["optim"] = t.optimizer
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -340,20 +348,221 @@ class LossBatch(dict):
     world_size: int = 1
     _outputs: Any = None
 
+    _token_loss: Any = None
+
+    def _model_inputs(self, labels: bool = True) -> dict:
+        keys = ("input_ids", "attention_mask", "position_ids", "inputs_embeds") + (("labels",) if labels else ())
+        return {k: v for k, v in self.items() if k in keys}
+
     def forward(self, model: Any) -> Any:
         if self._outputs is None:
-            kwargs = {k: v for k, v in self.items() if k in ("input_ids", "attention_mask", "position_ids", "labels", "inputs_embeds")}
+            kwargs = self._model_inputs()
             if self.num_items_in_batch is not None and "labels" in kwargs:
                 kwargs["num_items_in_batch"] = self.num_items_in_batch
             self._outputs = model(**kwargs, use_cache=False)
         return self._outputs
+
+    def token_loss(self, model: Any, label_smoothing: float = 0.0) -> Any:
+        """Token-weighted cross-entropy of the labelled tokens (see the module docstring)."""
+        import torch.nn.functional as F
+
+        if self._outputs is None and self._token_loss is None:
+            self._token_loss = labelled_forward(model, self._model_inputs(labels=False), self["labels"])
+        if self._token_loss is not None:
+            logits, targets = self._token_loss
+        else:
+            out = self.forward(model)
+            if label_smoothing == 0.0 and getattr(out, "loss", None) is not None:
+                return out.loss
+            labels = self["labels"]
+            logits = out.logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+            targets = shifted_labels(labels)
+            keep = targets.ne(IGNORE_INDEX)
+            logits, targets = logits[keep], targets[keep]
+        n = self.num_items_in_batch if self.num_items_in_batch is not None else targets.numel()
+        total = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum", label_smoothing=label_smoothing)
+        return total / n
+
+
+IGNORE_INDEX = -100
+
+
+def shifted_labels(labels: Any) -> Any:
+    """``labels`` moved one position left (position t predicts token t+1), -100 at the end."""
+    import torch
+
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def _output_head(model: Any) -> Any:
+    """The output-embedding module of a (DDP-, PEFT-wrapped) causal LM, or None where
+    the labelled-positions path cannot be used (prompt-learning PEFT methods)."""
+    inner = model
+    while type(inner).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule") and hasattr(inner, "module"):
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod")
+    peft_config = getattr(inner, "peft_config", None)
+    if isinstance(peft_config, dict) and hasattr(inner, "get_base_model"):
+        active = getattr(inner, "active_adapter", None)
+        cfg = peft_config.get(active) if isinstance(active, str) else None
+        if cfg is None or getattr(cfg, "is_prompt_learning", False):
+            return None
+        inner = inner.get_base_model()
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if hasattr(head, "register_forward_pre_hook") else None
+
+
+def labelled_forward(model: Any, inputs: dict, labels: Any) -> tuple[Any, Any] | None:
+    """Run ``model`` with its output head applied only where ``labels`` (after the
+    causal shift) are not -100; returns ``(logits [n, vocab], targets [n])``, or
+    None when the model does not allow it (the caller then runs the full forward).
+
+    A forward pre-hook on the output head replaces the hidden states ``[B, L, H]``
+    by the labelled rows ``[n, H]``; everything after the head in the model's
+    forward (soft-capping, scaling, the dtype cast) is element-wise and applies
+    unchanged. No labels go to the model, so it computes no loss of its own.
+    """
+    head = _output_head(model)
+    if head is None:
+        return None
+    targets = shifted_labels(labels)
+    keep = targets.ne(IGNORE_INDEX)
+    seen: dict[str, bool] = {}
+
+    def select(_module: Any, args: tuple) -> Any:
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(keep.shape):
+            seen["gathered"] = True
+            return (hidden[keep.to(hidden.device)],) + tuple(args[1:])
+        seen["other"] = True
+        return None
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        out = model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    logits = out.logits
+    if not seen.get("gathered") or seen.get("other") or logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        # the head ran on something else (or more than once): use the plain logits
+        if logits.dim() == 3 and logits.shape[1] >= labels.shape[1]:
+            logits = logits[:, -labels.shape[1]:]
+            return logits[keep.to(logits.device)], targets[keep]
+        return None
+    return logits, targets[keep]
+
+
+class SafeCheckpoints:
+    """Trainer mixin: atomic, pickle-free checkpoints.
+
+    Each checkpoint is written to ``.staging-N`` and renamed to ``checkpoint-N`` when
+    complete (with a ``COMPLETE`` marker); optimiser, scheduler, scaler and RNG states
+    are safetensors + JSON (:mod:`tunesmith.core.state_io`) instead of transformers'
+    ``torch.save`` files, and ``training_args.bin`` becomes ``training_args.json``.
+    Resuming reads these (or a plain Trainer's files). Put it before the Trainer
+    class in the bases: ``class T(SafeCheckpoints, Trainer)`` (TRL trainers too).
+    """
+
+    # -- training state without pickle (see tunesmith.core.state_io) ---
+    def _plain_state(self) -> bool:
+        """DeepSpeed and FSDP write their own (sharded) state: those stay transformers'."""
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _rng_rank(self) -> int | None:
+        return self.args.process_index if self.args.world_size > 1 else None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._plain_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            state_io.save_optimizer(self.optimizer, output_dir)
+            state_io.save_state_dict_json(self.lr_scheduler, Path(output_dir) / state_io.SCHEDULER_FILE)
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and self.args.should_save:
+            state_io.save_state_dict_json(scaler, Path(output_dir) / state_io.SCALER_FILE)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        state_io.save_rng_state(output_dir, self._rng_rank())
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        out = Path(output_dir or self.args.output_dir)
+        args_bin = out / "training_args.bin"  # torch.save(args): pickle
+        if args_bin.exists():
+            args_bin.unlink()
+            atomic_write_text(out / "training_args.json", self.args.to_json_string())
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self._plain_state() and state_io.has_optimizer(checkpoint):
+            state_io.load_optimizer(self.optimizer, checkpoint)
+            sched = Path(checkpoint) / state_io.SCHEDULER_FILE
+            if sched.is_file():
+                state_io.load_state_dict_json(self.lr_scheduler, sched)
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        path = Path(checkpoint) / state_io.SCALER_FILE if checkpoint else None
+        if path is not None and path.is_file() and getattr(self.accelerator, "scaler", None) is not None:
+            state_io.load_state_dict_json(self.accelerator.scaler, path)
+            return
+        super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and state_io.load_rng_state(checkpoint, self._rng_rank()):
+            return
+        super()._load_rng_state(checkpoint)
+
+    # -- atomic checkpoints ------------------------------------------
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        step = self.state.global_step
+        final_parent = Path(self.args.output_dir)
+        staging_parent = final_parent / f".staging-{step}"
+        orig = self._get_output_dir
+        self._get_output_dir = lambda trial=None: str(staging_parent)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = orig  # type: ignore[method-assign]
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.state.best_global_step:
+            best = final_parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if self.state.best_global_step == step or best.exists():
+                self.state.best_model_checkpoint = str(best)
+        if self.args.should_save:
+            staged = staging_parent / name
+            self.state.save_to_json(str(staged / "trainer_state.json"))
+            (staged / "COMPLETE").write_text(str(step), encoding="utf-8")
+            target = final_parent / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staged, target)
+            shutil.rmtree(staging_parent, ignore_errors=True)
+            try:
+                fd = os.open(final_parent, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            except OSError:
+                pass
+            _rotate(final_parent, self.args.save_total_limit, self.state.best_model_checkpoint)
+        if self.args.parallel_mode.value == "distributed":
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
 
 
 def make_trainer_class() -> type:
     """The Trainer subclass (built lazily so importing this module stays light)."""
     from transformers import Trainer
 
-    class _TunesmithTrainer(Trainer):
+    class _TunesmithTrainer(SafeCheckpoints, Trainer):
         """transformers' Trainer with pluggable weighted losses and atomic checkpoints.
 
         ``losses`` is a list of ``(name, plugin, options, weight)``; ``run`` the RunContext.
@@ -418,46 +627,6 @@ def make_trainer_class() -> type:
                 self._term_sums = {}
                 self._last_log_step = self.state.global_step
             super().log(logs, start_time) if start_time is not None else super().log(logs)
-
-        # -- atomic checkpoints ------------------------------------------
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            step = self.state.global_step
-            final_parent = Path(self.args.output_dir)
-            staging_parent = final_parent / f".staging-{step}"
-            orig = self._get_output_dir
-            self._get_output_dir = lambda trial=None: str(staging_parent)  # type: ignore[method-assign]
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._get_output_dir = orig  # type: ignore[method-assign]
-            name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            if self.state.best_global_step:
-                best = final_parent / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-                if self.state.best_global_step == step or best.exists():
-                    self.state.best_model_checkpoint = str(best)
-            if self.args.should_save:
-                staged = staging_parent / name
-                self.state.save_to_json(str(staged / "trainer_state.json"))
-                (staged / "COMPLETE").write_text(str(step), encoding="utf-8")
-                target = final_parent / name
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(staged, target)
-                shutil.rmtree(staging_parent, ignore_errors=True)
-                try:
-                    fd = os.open(final_parent, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-                except OSError:
-                    pass
-                _rotate(final_parent, self.args.save_total_limit, self.state.best_model_checkpoint)
-            if self.args.parallel_mode.value == "distributed":
-                import torch.distributed as dist
-
-                if dist.is_initialized():
-                    dist.barrier()
 
     return _TunesmithTrainer
 

@@ -1,6 +1,8 @@
 """The causal-LM loss: token-weighted cross-entropy over the labelled tokens.
 
-Completion-only masking is done when rendering (labels are -100 outside the
+The output head runs only at the labelled positions (``LossBatch.token_loss``):
+with completion-only labels the prompt's vocabulary-sized logits are never
+computed. Completion-only masking is done when rendering (labels are -100 outside the
 assistant turns, see :mod:`tunesmith.core.render`). The loss is the *sum* of the
 token losses divided by ``batch.num_items_in_batch`` - the labelled tokens of the
 whole accumulated batch (all micro-batches, all devices) - so gradient accumulation
@@ -31,25 +33,22 @@ class CausalLM:
     Options = CausalLMOptions
 
     def compute(self, model: Any, batch: Any, options: CausalLMOptions | None, context: Any) -> tuple[Any, dict]:
+        smoothing = options.label_smoothing if options is not None else 0.0
+        if hasattr(batch, "token_loss"):
+            # the output head runs only at the labelled positions (LossBatch.token_loss)
+            return batch.token_loss(model, label_smoothing=smoothing), {}
         import torch.nn.functional as F
 
-        smoothing = options.label_smoothing if options is not None else 0.0
-        if smoothing == 0.0 and hasattr(batch, "forward"):
-            out = batch.forward(model)  # the model's own token-weighted loss (shared forward pass)
-            loss = out.loss
-        else:
-            out = batch.forward(model) if hasattr(batch, "forward") else model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
-            logits = out.logits[:, :-1, :].float()
-            labels = batch["labels"][:, 1:].to(logits.device)
-            total = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                reduction="sum", label_smoothing=smoothing,
-            )
-            n = getattr(batch, "num_items_in_batch", None)
-            if n is None:
-                n = labels.ne(-100).sum()
-            loss = total / n
-        return loss, {}
+        from tunesmith.core.training import IGNORE_INDEX, shifted_labels
+
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+        labels = batch["labels"]
+        targets = shifted_labels(labels)
+        keep = targets.ne(IGNORE_INDEX)
+        logits = out.logits[:, -labels.shape[1]:][keep.to(out.logits.device)].float()
+        total = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum", label_smoothing=smoothing)
+        n = getattr(batch, "num_items_in_batch", None)
+        return total / (n if n is not None else keep.sum()), {}
 
 
 @hookimpl

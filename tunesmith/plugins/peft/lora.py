@@ -23,6 +23,11 @@ class LoRAOptions(BaseModel):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
     modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full and saved with the adapter.")
     init_weights: Union[bool, str] = Field(True, description="peft's init_lora_weights (True, 'gaussian', 'pissa', ...).")
+    fast_dropout: bool = Field(
+        True,
+        description="On CPU, draw the adapter-input dropout masks as 16-bit uniforms from 64-bit random words "
+        "(a quarter of the draws of nn.Dropout; p quantised to 1/65536). No effect on GPU.",
+    )
 
 
 class LoRA(PeftLibraryMethod):
@@ -47,6 +52,14 @@ class LoRA(PeftLibraryMethod):
             init_lora_weights=options.init_weights,
             use_dora=self.use_dora,
         )
+
+    def apply(self, model: Any, options: LoRAOptions, context: Any) -> Any:
+        model = super().apply(model, options, context)
+        if options.fast_dropout and options.dropout > 0.0:
+            from tunesmith.plugins.peft._dropout import use_fast_dropout
+
+            use_fast_dropout(model)
+        return model
 
 
 @hookimpl

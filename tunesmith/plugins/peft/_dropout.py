@@ -1,0 +1,83 @@
+"""Dropout for adapter inputs that is cheaper on CPU.
+
+On CPU ``torch.nn.functional.dropout`` draws one Mersenne-Twister number per
+element (``bernoulli_``); with LoRA on every linear layer of a small model that
+is about a fifth of a training step. :class:`FastDropout` draws 64-bit random
+words and uses each as four independent 16-bit uniforms, so it needs a quarter
+of the draws: an element is kept when its 16-bit value is at least
+``round(p * 65536)``, i.e. with probability ``1 - p`` up to a quantisation of
+``p`` to 1/65536 (below 1e-5 absolute), and kept elements are scaled by
+``1 / (1 - p_q)`` with ``p_q`` the quantised rate, so the expectation is exact.
+Masks come from torch's default CPU generator, so seeding and the Trainer's
+RNG checkpointing (crash + resume) behave as with ``nn.Dropout``.
+
+On other devices, in eval mode and for ``p == 0`` it is ``nn.Dropout``. It is a
+subclass of ``nn.Dropout``, so code that checks for one (peft's DoRA path) sees
+no difference, and it has no state: saved adapters are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_LEVELS = 1 << 16
+
+
+def _keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
+    """Bool mask of ``shape``: True where a 16-bit uniform (as int16) is >= threshold."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    return words.view(torch.int16)[:n].view(shape) >= threshold
+
+
+class _MaskedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with 16-bit masks on CPU (see the module docstring)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(p=p, inplace=False)
+        dropped = int(round(self.p * _LEVELS))
+        self._threshold = dropped - _LEVELS // 2  # int16 values are offset by 2**15
+        self._scale = 1.0 / (1.0 - dropped / _LEVELS) if dropped < _LEVELS else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or not x.is_floating_point():
+            return super().forward(x)
+        return _MaskedScale.apply(x, _keep_mask(x.shape, self._threshold), self._scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, 16-bit CPU masks"
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Replace the ``nn.Dropout`` modules of peft's LoRA layers (``lora_dropout``) by
+    :class:`FastDropout` with the same rate; returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is nn.Dropout and drop.p > 0.0:
+                fast = FastDropout(drop.p)
+                fast.train(drop.training)
+                drops[name] = fast
+                replaced += 1
+    return replaced
