@@ -16,7 +16,7 @@ transformers' default fused AdamW).
 Every variant runs in its own child process (so peak RSS is its own); the parent
 prints a table and writes bench/results/bench_train.json.
 
-    nice .venv/bin/python bench/bench_train.py [--steps 10] [--batch 4] [--max-length 256]
+    nice .venv/bin/python bench/bench_train.py [--steps 10] [--batch 4] [--max-length 256] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="run only these variants")
+    ap.add_argument("--repeat", type=int, default=1, help="run every variant this many times (interleaved); report the median")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -206,18 +207,24 @@ def main() -> None:
     variants = args.only or ["transformers", "trl", "tunesmith", "varied-naive", "varied-group_by_length",
                              "varied-padding_free", "varied-packing"]
     results: dict[str, dict] = {}
-    for v in variants:
-        cmd = [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--max-length", str(args.max_length), "--r", str(args.r)]
-        print(f"running {v} ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(proc.stdout[-2000:], proc.stderr[-4000:])
-            results[v] = {"error": (proc.stderr or proc.stdout)[-500:]}
-            continue
-        results[v] = json.loads(line[len("BENCH-RESULT "):])
-        print(f"  {v}: {results[v]}", flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(args.repeat):  # interleaved, so a slow spell of the machine hits every variant
+        for v in variants:
+            cmd = [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--max-length", str(args.max_length), "--r", str(args.r)]
+            print(f"running {v} ({rep + 1}/{args.repeat}) ...", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stdout[-2000:], proc.stderr[-4000:])
+                results[v] = {"error": (proc.stderr or proc.stdout)[-500:]}
+                continue
+            runs[v].append(json.loads(line[len("BENCH-RESULT "):]))
+            print(f"  {v}: {runs[v][-1]}", flush=True)
+    for v, rs in runs.items():
+        if rs and "error" not in results.get(v, {}):
+            med = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]  # the median run (lower middle)
+            results[v] = dict(med, runs_tokens_per_s=[r["tokens_per_s"] for r in rs])
 
     def tps(k: str) -> float:
         return float(results.get(k, {}).get("tokens_per_s") or 0.0)

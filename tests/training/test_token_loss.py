@@ -47,7 +47,8 @@ def _grads(model: Any) -> dict:
 def test_token_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir: Path, peft: str | None, num_items: int | None) -> None:
     import torch
 
-    from tunesmith.core.training import LossBatch, _output_head
+    from tunesmith.core.labelled import output_head
+    from tunesmith.core.training import LossBatch
 
     model, tok = _model(tiny_model_dir, peft)
     model.train()
@@ -67,7 +68,7 @@ def test_token_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir: Pat
     got.backward()
     g = _grads(model)
     # prompt tuning prepends virtual tokens: the full forward runs (and is reused)
-    assert (fast._outputs is None) == (fast._token_loss is not None) == (peft != "prompt") == (_output_head(model) is not None)
+    assert (fast._outputs is None) == (fast._token_loss is not None) == (peft != "prompt") == (output_head(model) is not None)
     assert float(got.detach()) == pytest.approx(float(expected), rel=1e-6)
     assert g.keys() == g_ref.keys() and g
     for k in g:
@@ -94,7 +95,7 @@ def test_a_head_applied_to_other_shapes_falls_back(tiny_model_dir: Path) -> None
     """If the head sees hidden states of another shape, the plain logits are used."""
     import torch
 
-    from tunesmith.core.training import labelled_forward
+    from tunesmith.core.labelled import labelled_forward
 
     model, tok = _model(tiny_model_dir, None)
     batch = _batch(tok)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tunesmith.core.errors import DataError
+from tunesmith.core.labelled import IGNORE_INDEX, labelled_forward, shifted_labels
 
 EXPECTED_KEYS = ("expected", "answer", "reference", "response", "completion", "output", "label", "target")
 
@@ -308,17 +309,16 @@ def token_loss_sums(
                     labels[b, : len(y)] = torch.tensor(y)
                     mask[b, : len(x)] = 1
                 ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                shift_logits = logits[:, :-1, :]
-                shift_labels = labels[:, 1:]
-                nll = torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)),
-                    shift_labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="none",
-                ).view(shift_labels.shape)
-                valid = shift_labels != -100
-                sums = (nll * valid).sum(dim=1).tolist()
+                valid = shifted_labels(labels).ne(IGNORE_INDEX)
+                # the output head only where a token is scored (tunesmith.core.labelled)
+                got = labelled_forward(model, {"input_ids": ids, "attention_mask": mask}, labels)
+                if got is None:
+                    logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:]
+                    got = logits[valid], shifted_labels(labels)[valid]
+                scored_logits, targets = got
+                nll = torch.nn.functional.cross_entropy(scored_logits.float(), targets, reduction="none")
+                rows_of = valid.nonzero()[:, 0]
+                sums = torch.zeros(len(idx), dtype=nll.dtype, device=nll.device).index_add_(0, rows_of, nll).tolist()
                 counts = valid.sum(dim=1).tolist()
                 for b, i in enumerate(idx):
                     per_row[i] = (float(sums[b]), int(counts[b]))

@@ -72,6 +72,7 @@ from tunesmith.core import state_io
 from tunesmith.core.context import RunContext
 from tunesmith.core.errors import ConfigError, DataError, TunesmithError
 from tunesmith.core.io import atomic_dir, atomic_open, atomic_write_json, atomic_write_text
+from tunesmith.core.labelled import IGNORE_INDEX, labelled_forward, shifted_labels
 from tunesmith.core.rundir import RunDir
 
 log = logging.getLogger("tunesmith.training")
@@ -382,76 +383,6 @@ class LossBatch(dict):
         n = self.num_items_in_batch if self.num_items_in_batch is not None else targets.numel()
         total = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum", label_smoothing=label_smoothing)
         return total / n
-
-
-IGNORE_INDEX = -100
-
-
-def shifted_labels(labels: Any) -> Any:
-    """``labels`` moved one position left (position t predicts token t+1), -100 at the end."""
-    import torch
-
-    out = torch.full_like(labels, IGNORE_INDEX)
-    out[..., :-1] = labels[..., 1:]
-    return out
-
-
-def _output_head(model: Any) -> Any:
-    """The output-embedding module of a (DDP-, PEFT-wrapped) causal LM, or None where
-    the labelled-positions path cannot be used (prompt-learning PEFT methods)."""
-    inner = model
-    while type(inner).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule") and hasattr(inner, "module"):
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod")
-    peft_config = getattr(inner, "peft_config", None)
-    if isinstance(peft_config, dict) and hasattr(inner, "get_base_model"):
-        active = getattr(inner, "active_adapter", None)
-        cfg = peft_config.get(active) if isinstance(active, str) else None
-        if cfg is None or getattr(cfg, "is_prompt_learning", False):
-            return None
-        inner = inner.get_base_model()
-    get = getattr(inner, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if hasattr(head, "register_forward_pre_hook") else None
-
-
-def labelled_forward(model: Any, inputs: dict, labels: Any) -> tuple[Any, Any] | None:
-    """Run ``model`` with its output head applied only where ``labels`` (after the
-    causal shift) are not -100; returns ``(logits [n, vocab], targets [n])``, or
-    None when the model does not allow it (the caller then runs the full forward).
-
-    A forward pre-hook on the output head replaces the hidden states ``[B, L, H]``
-    by the labelled rows ``[n, H]``; everything after the head in the model's
-    forward (soft-capping, scaling, the dtype cast) is element-wise and applies
-    unchanged. No labels go to the model, so it computes no loss of its own.
-    """
-    head = _output_head(model)
-    if head is None:
-        return None
-    targets = shifted_labels(labels)
-    keep = targets.ne(IGNORE_INDEX)
-    seen: dict[str, bool] = {}
-
-    def select(_module: Any, args: tuple) -> Any:
-        hidden = args[0]
-        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(keep.shape):
-            seen["gathered"] = True
-            return (hidden[keep.to(hidden.device)],) + tuple(args[1:])
-        seen["other"] = True
-        return None
-
-    handle = head.register_forward_pre_hook(select)
-    try:
-        out = model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    logits = out.logits
-    if not seen.get("gathered") or seen.get("other") or logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
-        # the head ran on something else (or more than once): use the plain logits
-        if logits.dim() == 3 and logits.shape[1] >= labels.shape[1]:
-            logits = logits[:, -labels.shape[1]:]
-            return logits[keep.to(logits.device)], targets[keep]
-        return None
-    return logits, targets[keep]
 
 
 class SafeCheckpoints:

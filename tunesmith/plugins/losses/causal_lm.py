@@ -39,7 +39,7 @@ class CausalLM:
             return batch.token_loss(model, label_smoothing=smoothing), {}
         import torch.nn.functional as F
 
-        from tunesmith.core.training import IGNORE_INDEX, shifted_labels
+        from tunesmith.core.labelled import IGNORE_INDEX, shifted_labels
 
         out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
         labels = batch["labels"]
