@@ -74,3 +74,55 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     assert state_io.load_rng_state(tmp_path, rank=1)
     got = (random.random(), float(np.random.rand()), torch.rand(5))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_a_plain_trainer_checkpoint_still_resumes(make_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint holding transformers' own files (optimizer.pt, scheduler.pt,
+    rng_state.pth) resumes to the same weights as tunesmith's format."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    import tunesmith
+    from tunesmith.core import state_io
+    from tunesmith.core.training import train
+
+    training = {"max_steps": 4, "save_steps": 2, "save_total_limit": 1, "lr_scheduler": "cosine", "warmup_steps": 1}
+    peft = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1}
+    ours = make_cfg(name="ours", peft=peft, training={**training, "max_steps": 2})
+    train(ours, tunesmith.registry())
+    plain = make_cfg(name="plain", peft=peft, training=training)
+    shutil.copytree(ours.output_dir, plain.output_dir)
+    ours = make_cfg(name="ours", peft=peft, training=training)
+
+    # rewrite the copy's checkpoint the way transformers' Trainer writes it
+    ckpt = Path(plain.output_dir) / "checkpoints" / "checkpoint-2"
+    opt_meta = json.loads((ckpt / "optimizer.json").read_text())
+    state: dict = {}
+    for key, v in load_file(str(ckpt / "optimizer.safetensors")).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for g in opt_meta["param_groups"]:
+        g["betas"] = tuple(g["betas"])
+    torch.save({"state": state, "param_groups": opt_meta["param_groups"]}, ckpt / "optimizer.pt")
+    torch.save(json.loads((ckpt / "scheduler.json").read_text()), ckpt / "scheduler.pt")
+    rng = json.loads((ckpt / "rng_state.json").read_text())
+    version, mt, gauss = rng["python"]
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    torch.save({"python": (version, tuple(mt), gauss),
+                "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
+                "cpu": load_file(str(ckpt / "rng_state.safetensors"))["cpu"]}, ckpt / "rng_state.pth")
+    for name in ("optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state.safetensors", "rng_state.json"):
+        (ckpt / name).unlink()
+    assert not state_io.has_optimizer(ckpt)
+
+    a = train(ours, tunesmith.registry(), resume=True)
+    b = train(plain, tunesmith.registry(), resume=True)
+    assert a["resumed_from"].endswith("checkpoint-2") and b["resumed_from"].endswith("checkpoint-2")
+    wa = load_file(str(Path(a["run_dir"]) / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(Path(b["run_dir"]) / "final" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6

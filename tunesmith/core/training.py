@@ -380,7 +380,7 @@ class LossBatch(dict):
             targets = shifted_labels(labels)
             keep = targets.ne(IGNORE_INDEX)
             logits, targets = logits[keep], targets[keep]
-        n = self.num_items_in_batch if self.num_items_in_batch is not None else targets.numel()
+        n = self.num_items_in_batch if self.num_items_in_batch is not None else max(targets.numel(), 1)
         total = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum", label_smoothing=label_smoothing)
         return total / n
 
