@@ -85,3 +85,38 @@ def test_lora_plugin_installs_it_and_the_adapter_is_unchanged(tiny_model_dir: Pa
     model, _ = load_from_dir(tiny_model_dir, dtype=torch.float32)
     model = lora.apply(model, lora.Options(r=4, dropout=0.0, target_modules="all-linear"), None)
     assert not any(isinstance(m, FastDropout) for m in model.modules())
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpointed blocks re-run their forward in backward; the masks must repeat
+    (torch restores the CPU RNG state), so gradients equal those without checkpointing."""
+    import torch
+
+    import tunesmith
+    from tunesmith.core.models import load_from_dir
+
+    from tunesmith.plugins.peft._dropout import FastDropout
+
+    calls = []
+    forward = FastDropout.forward
+    monkeypatch.setattr(FastDropout, "forward", lambda self, x: (calls.append(1), forward(self, x))[1])
+    lora = tunesmith.registry().peft_methods.get("lora")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 6, 10, 14, 18, 22, 26, 30]])
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        torch.manual_seed(0)
+        model, _ = load_from_dir(tiny_model_dir, dtype=torch.float32)
+        model = lora.apply(model, lora.Options(r=4, dropout=0.3, target_modules="all-linear", init_weights=False), None)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]  # checkpointing really re-ran the blocks
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
