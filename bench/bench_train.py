@@ -17,6 +17,10 @@ Every variant runs in its own child process (so peak RSS is its own); the parent
 prints a table and writes bench/results/bench_train.json.
 
     nice .venv/bin/python bench/bench_train.py [--steps 10] [--batch 4] [--max-length 256] [--repeat 3]
+
+On a machine with a CUDA GPU every variant trains there (the plain baselines get
+``use_cpu=False``) and the table adds peak GPU memory; ``--precision bf16`` is the
+GPU check: ``bench_train.py --precision bf16 --only transformers trl tunesmith``.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -
         "data": {"path": str(data)},
         "peft": {"method": "lora", "r": args.r, "alpha": 2 * args.r, "dropout": 0.05, "target_modules": "all-linear"},
         "training": {"max_steps": args.steps, "batch_size": args.batch, "gradient_accumulation_steps": 1,
-                     "learning_rate": 2e-4, "max_length": args.max_length, "precision": "fp32", "packing": packing,
+                     "learning_rate": 2e-4, "max_length": args.max_length, "precision": args.precision, "packing": packing,
                      "gradient_checkpointing": False, "logging_steps": args.steps, "save_steps": 0, "eval_steps": 0,
                      "report_to": [], "early_stopping": None, "warmup_ratio": 0.0},
         "output_dir": str(tmp / "run"),
@@ -113,6 +117,14 @@ def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -
     cfg = tunesmith.load_config(cfg_path)
     res = train(cfg, tunesmith.registry())
     return {"tokens": res["tokens"], "train_s": res["runtime_s"]}
+
+
+def _device_flags(args: argparse.Namespace) -> dict:
+    """The same device and precision for the plain baselines as tunesmith's ``precision``."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"use_cpu": not cuda, "bf16": args.precision == "bf16", "fp16": False}
 
 
 def _plain_model(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -137,7 +149,7 @@ def run_trl(args: argparse.Namespace, rows: list[dict]) -> dict:
     ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     cfg = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, learning_rate=2e-4, max_length=args.max_length, use_cpu=True, bf16=False,
+        gradient_accumulation_steps=1, learning_rate=2e-4, max_length=args.max_length, **_device_flags(args),
         report_to=[], logging_steps=args.steps, save_strategy="no", gradient_checkpointing=False, packing=False,
         disable_tqdm=True, seed=42, data_seed=42, warmup_steps=0,
     )
@@ -158,7 +170,7 @@ def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
     feats = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"]} for f in feats]
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-hf-"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1, learning_rate=2e-4, use_cpu=True, report_to=[], logging_steps=args.steps,
+        gradient_accumulation_steps=1, learning_rate=2e-4, **_device_flags(args), report_to=[], logging_steps=args.steps,
         save_strategy="no", disable_tqdm=True, seed=42, data_seed=42, remove_unused_columns=False, warmup_steps=0,
     )
     trainer = counted(Trainer)(model=model, args=targs, train_dataset=feats,
@@ -187,6 +199,8 @@ def child(name: str, args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown variant {name}")
     out["tokens_per_s"] = round(out["tokens"] / max(out["train_s"], 1e-9), 1)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print("BENCH-RESULT " + json.dumps(out), flush=True)
 
 
@@ -198,6 +212,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="run only these variants")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast for all three (on a GPU: the device check of the issue; on CPU it is slower)")
     ap.add_argument("--repeat", type=int, default=1, help="run every variant this many times (interleaved); report the median")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,7 +227,7 @@ def main() -> None:
     for rep in range(args.repeat):  # interleaved, so a slow spell of the machine hits every variant
         for v in variants:
             cmd = [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--max-length", str(args.max_length), "--r", str(args.r)]
+                   "--max-length", str(args.max_length), "--r", str(args.r), "--precision", args.precision]
             print(f"running {v} ({rep + 1}/{args.repeat}) ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
@@ -246,18 +262,20 @@ def main() -> None:
                 ratios[f"{m}_vs_naive"] = round(tps(f"varied-{m}") / tps("varied-naive"), 3)
         best = max(tps(f"varied-{m}") for m in ("packing", "padding_free", "group_by_length"))
         ratios["best_length_mode_vs_naive"] = round(best / tps("varied-naive"), 3)
-    print("\nvariant                    real tokens/s   train s   peak RSS MB")
+    gpu = any("peak_gpu_mb" in v for v in results.values())
+    print("\nvariant                    real tokens/s   train s   peak RSS MB" + ("   peak GPU MB" if gpu else ""))
     for k, v in results.items():
         if "error" in v:
             print(f"{k:26s} ERROR")
         else:
-            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f}")
+            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f}"
+                  + (f" {v.get('peak_gpu_mb', 0):13.0f}" if gpu else ""))
     for k, v in ratios.items():
         print(f"{k}: {v}x")
     load = os.getloadavg()
     print(f"(load average during the run: {load[0]:.1f}; numbers on a shared CPU are noisy)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"settings": vars(args) | {"model": "SmolLM2-135M-Instruct (default)", "precision": "fp32", "lora": f"r{args.r} all-linear"},
+    out = {"settings": vars(args) | {"model": "SmolLM2-135M-Instruct (default)", "lora": f"r{args.r} all-linear"},
            "results": results, "ratios": ratios, "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (RESULTS / "bench_train.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / 'bench_train.json'}")
