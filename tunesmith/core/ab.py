@@ -13,12 +13,12 @@ only trusted when both variants have more than 30 requests.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from tunesmith.core.errors import DataError, TunesmithError
+from tunesmith.core.io import iter_jsonl
 
 MIN_SAMPLES = 30  # the guide's rule: a t-test needs more than 30 results per variant
 LATENCY_KEYS = ("latency_ms", "latency")
@@ -125,13 +125,7 @@ def read_log(path: str | Path, *, split: float = 50.0, variants: Sequence[str] =
     if not text.strip():
         raise DataError("the log is empty", path=str(p))
     rows = []
-    for i, ln in enumerate(text.splitlines(), start=1):
-        if not ln.strip():
-            continue
-        try:
-            r = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", path=str(p), line=i) from None
+    for i, r in iter_jsonl(text, p):
         if not isinstance(r, dict):
             raise DataError("each line must be a JSON object", path=str(p), line=i)
         variant = r.get("variant")

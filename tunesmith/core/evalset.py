@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tunesmith.core.errors import DataError
+from tunesmith.core.io import iter_jsonl
 from tunesmith.core.labelled import IGNORE_INDEX, labelled_forward, shifted_labels
 
 EXPECTED_KEYS = ("expected", "answer", "reference", "response", "completion", "output", "label", "target")
@@ -87,15 +88,7 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
         if not isinstance(data, list):
             raise DataError("a JSON evaluation set must be a list of objects", path=str(path))
         return [(i + 1, r) for i, r in enumerate(data)]
-    rows = []
-    for i, ln in enumerate(text.splitlines(), start=1):
-        if not ln.strip():
-            continue
-        try:
-            rows.append((i, json.loads(ln)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", path=str(path), line=i) from None
-    return rows
+    return list(iter_jsonl(text, path))
 
 
 def _expected_of(row: dict) -> str | None:
@@ -330,6 +323,24 @@ def token_loss_sums(
     total = sum(s for s, _ in per_row)
     count = sum(c for _, c in per_row)
     return total, count, per_row
+
+
+def score_rows(model: Any, tokenizer: Any, rows: list[EvalRow], options: Any, desc: str) -> tuple[float, int, list[tuple[float, int]]]:
+    """:func:`token_loss_sums` behind a progress bar, configured by an evaluator's
+    options (``batch_size``, ``max_length``, ``completion_only``, ``progress``)."""
+    bar = progress_bar(len(rows), desc, options.progress)
+    try:
+        return token_loss_sums(
+            model,
+            tokenizer,
+            rows,
+            batch_size=options.batch_size,
+            max_length=options.max_length,
+            completion_only=options.completion_only,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
 
 
 def perplexity_from(total_nll: float, tokens: int) -> float:

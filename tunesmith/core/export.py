@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tunesmith.core.errors import TunesmithError
 
@@ -465,30 +463,6 @@ def logits_for(model: Any, tokenizer: Any, texts: tuple[str, ...] | list[str] = 
 
 
 # --------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary file path beside ``path`` for writers that want a file name; renamed
-    over ``path`` on success, removed on failure. Refuses an existing ``path`` unless
-    ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise TunesmithError(f"{path} already exists", hint="pass --overwrite to replace it")
-    if path.is_dir():
-        raise TunesmithError(f"{path} is a folder; give a file name ending in {path.suffix or '.gguf'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def refuse_pickles(folder: Path) -> None:
     bad = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if bad:

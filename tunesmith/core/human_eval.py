@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tunesmith.core.errors import DataError, TunesmithError
-from tunesmith.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tunesmith.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, iter_jsonl
 
 CRITERIA = ("relevance", "coherence", "correctness")
 SCALE = (1, 5)
@@ -139,13 +139,7 @@ def read_sheet(path: str | Path) -> list[dict]:
     if not p.exists():
         raise DataError("rating sheet not found", path=str(p))
     rows = []
-    for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", path=str(p), line=i) from None
+    for i, row in iter_jsonl(p.read_text(encoding="utf-8"), p):
         if not isinstance(row, dict) or "item_id" not in row or not isinstance(row.get("outputs"), list):
             raise DataError("not a rating-sheet item (needs 'item_id' and 'outputs')", path=str(p), line=i)
         rows.append(row)
@@ -220,13 +214,7 @@ def _rows_of(path: Path) -> list[tuple[int, dict]]:
             )
         return out
     out = []
-    for i, ln in enumerate(text.splitlines(), start=1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", path=str(path), line=i) from None
+    for i, row in iter_jsonl(text, path):
         if not isinstance(row, dict) or "item_id" not in row or not isinstance(row.get("scores"), dict):
             raise DataError("row has no 'item_id' and 'scores': not a filled rating sheet", path=str(path), line=i)
         out.append((i, row))

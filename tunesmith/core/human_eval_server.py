@@ -9,16 +9,14 @@ file is JSONL in the shape of a filled ``sheet.jsonl``: ``import_ratings`` reads
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tunesmith.core.errors import DataError
 from tunesmith.core.human_eval import CRITERIA, SCALE, read_sheet
-from tunesmith.core.io import atomic_write_jsonl
+from tunesmith.core.io import atomic_write_jsonl, iter_jsonl
 
 PAGE_PACKAGE = "tunesmith.core.human_eval_page"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
@@ -39,13 +37,8 @@ class AnswerStore:
         self._lock = threading.Lock()
         self.answers: dict[tuple[str, str], dict] = {}
         if path.exists():
-            for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if ln.strip():
-                    try:
-                        row = json.loads(ln)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"invalid JSON: {exc.msg}", path=str(path), line=i) from None
-                    self.answers[(row["rater"], row["item_id"])] = row
+            for _i, row in iter_jsonl(path.read_text(encoding="utf-8"), path):
+                self.answers[(row["rater"], row["item_id"])] = row
 
     def complete(self, row: dict) -> bool:
         item = self.items[row["item_id"]]

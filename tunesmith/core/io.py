@@ -80,6 +80,48 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary file path beside ``path`` for writers that want a file name (GGUF,
+    safetensors); renamed over ``path`` on success, removed on failure. Refuses an
+    existing ``path`` unless ``overwrite``."""
+    from tunesmith.core.errors import TunesmithError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TunesmithError(f"{path} already exists", hint="pass --overwrite to replace it")
+    if path.is_dir():
+        raise TunesmithError(f"{path} is a folder; give a file name ending in {path.suffix or '.gguf'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def iter_jsonl(text: str, path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of JSONL ``text``; a line that
+    is not JSON raises a DataError naming ``path`` and the line. (For files tunesmith
+    wrote; user data goes through :mod:`tunesmith.core.data`, which keeps bad rows.)"""
+    from tunesmith.core.errors import DataError
+
+    for i, ln in enumerate(text.splitlines(), start=1):
+        if not ln.strip():
+            continue
+        try:
+            yield i, json.loads(ln)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg}", path=str(path), line=i) from None
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``.
 

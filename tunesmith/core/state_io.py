@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tunesmith.core.io import atomic_write_json
+from tunesmith.core.io import atomic_path, atomic_write_json
 
 OPTIMIZER = "optimizer"
 SCHEDULER_FILE = "scheduler.json"
@@ -33,9 +33,8 @@ SCALER_FILE = "scaler.json"
 def _save_tensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def _json_default(obj: Any) -> Any:

@@ -55,21 +55,9 @@ class Forgetting:
     lower_is_better = ("general_perplexity", "forgetting_pct")
 
     def _ppl(self, model: Any, tokenizer: Any, rows: list, options: ForgettingOptions, desc: str) -> float:
-        from tunesmith.core.evalset import perplexity_from, progress_bar, token_loss_sums
+        from tunesmith.core.evalset import perplexity_from, score_rows
 
-        bar = progress_bar(len(rows), desc, options.progress)
-        try:
-            total, count, _ = token_loss_sums(
-                model,
-                tokenizer,
-                rows,
-                batch_size=options.batch_size,
-                max_length=options.max_length,
-                completion_only=options.completion_only,
-                progress=bar.update,
-            )
-        finally:
-            bar.close()
+        total, count, _ = score_rows(model, tokenizer, rows, options, desc)
         return perplexity_from(total, count)
 
     def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict:

@@ -33,25 +33,13 @@ class Perplexity:
     lower_is_better = ("perplexity", "loss")
 
     def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict:
-        from tunesmith.core.evalset import load_eval_rows, perplexity_from, progress_bar, resolve_eval_path, token_loss_sums
+        from tunesmith.core.evalset import load_eval_rows, perplexity_from, resolve_eval_path, score_rows
 
         options = options or PerplexityOptions()
         path = resolve_eval_path(options.path, options.split, context, self.name)
         rows = load_eval_rows(path, need="any", limit=options.limit, registries=getattr(context, "registries", None))
         label = (getattr(context, "state", {}) or {}).get("variant", "")
-        bar = progress_bar(len(rows), f"perplexity {label}".strip(), options.progress)
-        try:
-            total, count, per_row = token_loss_sums(
-                model,
-                tokenizer,
-                rows,
-                batch_size=options.batch_size,
-                max_length=options.max_length,
-                completion_only=options.completion_only,
-                progress=bar.update,
-            )
-        finally:
-            bar.close()
+        total, count, _per_row = score_rows(model, tokenizer, rows, options, f"perplexity {label}".strip())
         if count == 0:
             from tunesmith.core.errors import DataError
 

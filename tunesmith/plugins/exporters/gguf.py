@@ -53,8 +53,8 @@ class GGUFExporter:
 
     def export(self, run_dir: Path, output: Path, options: Any, context: Any) -> Path:
         from tunesmith.core.errors import TunesmithError
-        from tunesmith.core.export import MANIFEST, atomic_path, manifest, merge_run, read_run
-        from tunesmith.core.io import atomic_write_json
+        from tunesmith.core.export import MANIFEST, manifest, merge_run, read_run
+        from tunesmith.core.io import atomic_path, atomic_write_json
 
         options = options or self.Options()
         output = self.resolve_output(output, options)
