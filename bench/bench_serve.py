@@ -50,7 +50,7 @@ def main() -> None:
 
     from bench_export import make_run
     from tunesmith.core.models import convert_gguf
-    from tunesmith.core.serving import ModelServer, create_app
+    from tunesmith.serving.server import ModelServer, create_app
     from tunesmith.core.paths import default_gguf_path
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))

@@ -127,7 +127,7 @@ def test_invalid_object_is_rejected(fake_dists):
     fake_dists("acme-bad", {"acme_bad": code}, {"acme.bad": "acme_bad"})
     regs = tunesmith.registry()
     failure = [f for f in regs.failures if f.name == "acme.bad"][0]
-    assert "lacks the method(s) apply" in failure.error
+    assert "lacks apply (see the Cleaner protocol" in failure.error
     assert "x" not in regs.cleaners
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tunesmith.core.ab import analyze, bucket, percentile, read_log, route, two_proportion_z_test, welch_t_test
+from tunesmith.ab import analyze, bucket, percentile, read_log, route, two_proportion_z_test, welch_t_test
 from tunesmith.core.errors import DataError
 
 

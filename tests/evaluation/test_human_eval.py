@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tunesmith.core.errors import DataError
-from tunesmith.core.human_eval import (
+from tunesmith.human_eval.sheets import (
     CRITERIA,
     export_sheet,
     import_ratings,

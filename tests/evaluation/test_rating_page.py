@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.core.human_eval import export_sheet, import_ratings
-from tunesmith.core.human_eval_server import create_app, default_answers_path
+from tunesmith.human_eval.sheets import export_sheet, import_ratings
+from tunesmith.human_eval.server import create_app, default_answers_path
 
 ITEMS = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(3)]
 OUTPUTS = {"base": ["no idea", "4", "7"], "tuned": ["0", "2", "6"]}

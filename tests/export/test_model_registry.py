@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.core.model_registry import ModelRegistry, RegistryCorrupted, RegistryError
+from tunesmith.model_registry.local import ModelRegistry, RegistryCorrupted, RegistryError
 
 
 @pytest.fixture

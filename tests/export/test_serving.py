@@ -81,7 +81,7 @@ def _reference(base_dir: Path, adapter: Path | None) -> dict:
 
 
 def test_server_isolates_adapters_under_concurrency(tiny_model_dir: Path, two_adapters: dict[str, Path], tmp_path: Path) -> None:
-    from tunesmith.core.serving import ModelServer, create_app
+    from tunesmith.serving.server import ModelServer, create_app
 
     refs = {"base": _reference(tiny_model_dir, None)}
     refs.update({n: _reference(tiny_model_dir, p) for n, p in two_adapters.items()})
@@ -148,7 +148,7 @@ def test_server_isolates_adapters_under_concurrency(tiny_model_dir: Path, two_ad
 
 
 def test_api_key(tiny_model_dir: Path) -> None:
-    from tunesmith.core.serving import ModelServer, create_app
+    from tunesmith.serving.server import ModelServer, create_app
 
     server = ModelServer.from_paths(tiny_model_dir)
     with _Server(create_app(server, api_key="s3cret")) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -164,8 +164,8 @@ def test_api_key(tiny_model_dir: Path) -> None:
 
 
 def test_registry_routing(tiny_model_dir: Path, two_adapters: dict[str, Path], tmp_path: Path) -> None:
-    from tunesmith.core.model_registry import ModelRegistry
-    from tunesmith.core.serving import ModelServer, create_app
+    from tunesmith.model_registry.local import ModelRegistry
+    from tunesmith.serving.server import ModelServer, create_app
 
     reg = ModelRegistry(tmp_path / "reg")
     reg.register(two_adapters["alpha"] / "final", version="v1")

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tunesmith.core.planning import (
+from tunesmith.planning import (
     EXAMPLES,
     ModelShape,
     UseCase,

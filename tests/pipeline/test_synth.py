@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tunesmith.core.synth import clean_generated, generate_from_seeds, parse_example, synthesize
+from tunesmith.synth import clean_generated, generate_from_seeds, parse_example, synthesize
 
 SEEDS = [
     {"messages": [{"role": "user", "content": f"Write a haiku about the colour {c}."},

@@ -30,7 +30,7 @@ def _variants(s: str) -> list[str]:
 def analyze_cmd(log, alpha, split, variants, control, output, as_json) -> None:
     """Per-variant latency (count, mean, p50, p95), Welch's t-test, a two-proportion
     test on 'success', and a verdict. LOG is JSONL: variant or request_id, latency_ms, success."""
-    from tunesmith.core.ab import analyze, read_log, render_markdown
+    from tunesmith.ab import analyze, read_log, render_markdown
     from tunesmith.core.io import atomic_write_json, atomic_write_text
 
     result = analyze(read_log(log, split=split, variants=_variants(variants)), alpha=alpha, control=control)
@@ -52,7 +52,7 @@ def analyze_cmd(log, alpha, split, variants, control, output, as_json) -> None:
 @json_option
 def route_cmd(request_ids, split, variants, as_json) -> None:
     """The variant of each request id (MD5 of the id mod 100 against the split)."""
-    from tunesmith.core.ab import route
+    from tunesmith.ab import route
 
     v = _variants(variants)
     out = {rid: route(rid, split, v[:2]) for rid in request_ids}

@@ -62,7 +62,7 @@ def _read_outputs(path: str) -> list[str]:
 @json_option
 def export_cmd(data, models, output_files, from_eval, n, seed, max_new_tokens, output, overwrite, as_json) -> None:
     """Export a blinded rating sheet (CSV and JSONL) and its unblinding key."""
-    from tunesmith.core.human_eval import check_sheet_dir, export_sheet
+    from tunesmith.human_eval.sheets import check_sheet_dir, export_sheet
 
     check_sheet_dir(output, overwrite=overwrite)  # before any generation
     items: list[dict] = []
@@ -115,7 +115,7 @@ def export_cmd(data, models, output_files, from_eval, n, seed, max_new_tokens, o
 @json_option
 def import_cmd(files, key, output, as_json) -> None:
     """Import filled sheets (CSV/JSONL) or rating-page answers and unblind them."""
-    from tunesmith.core.human_eval import import_ratings, ratings_as_rows
+    from tunesmith.human_eval.sheets import import_ratings, ratings_as_rows
     from tunesmith.core.io import atomic_write_jsonl
 
     ratings = import_ratings(files, key)
@@ -135,7 +135,7 @@ def import_cmd(files, key, output, as_json) -> None:
 @json_option
 def score_cmd(files, key, output, as_json) -> None:
     """Mean scores per model and criterion, and Krippendorff's alpha (ordinal, interval)."""
-    from tunesmith.core.human_eval import import_ratings, render_score_markdown, score
+    from tunesmith.human_eval.sheets import import_ratings, render_score_markdown, score
     from tunesmith.core.io import atomic_write_json, atomic_write_text
 
     summary = score(import_ratings(files, key))
@@ -158,7 +158,7 @@ def score_cmd(files, key, output, as_json) -> None:
 @click.option("--answers", type=click.Path(dir_okay=False), help="Answers file (default: SHEET.answers.jsonl beside the sheet).")
 def serve_cmd(sheet, host, port, answers) -> None:
     """Serve a rating page for SHEET: one blinded item at a time, every answer saved at once."""
-    from tunesmith.core.human_eval_server import default_answers_path, serve_sheet
+    from tunesmith.human_eval.server import default_answers_path, serve_sheet
 
     click.echo(f"rating page: http://{host}:{port}/  (answers: {answers or default_answers_path(sheet)}; Ctrl+C to stop)")
     serve_sheet(sheet, host=host, port=port, answers=answers)

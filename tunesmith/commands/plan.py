@@ -51,7 +51,7 @@ def recommend_cmd(profile: str | None, example: str | None, as_json: bool, **fie
     from dataclasses import asdict, fields as dc_fields
 
     from tunesmith.core.errors import TunesmithError
-    from tunesmith.core.planning import EXAMPLES, UseCase, recommend
+    from tunesmith.planning import EXAMPLES, UseCase, recommend
 
     base: dict = {}
     if example:
@@ -115,7 +115,7 @@ def estimate_cmd(params_b: float | None, model: str | None, target_modules: str,
     Example: tunesmith plan estimate --model default --samples 300 --seq-len 256
     """
     from tunesmith.core.errors import TunesmithError
-    from tunesmith.core.planning import GPUS, estimate, model_shape
+    from tunesmith.planning import GPUS, estimate, model_shape
 
     if (params_b is None) == (model is None):
         raise TunesmithError("give exactly one of --params or --model")

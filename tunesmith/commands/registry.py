@@ -17,7 +17,7 @@ registry_option = click.option(
 
 
 def _reg(path: str):  # type: ignore[no-untyped-def]
-    from tunesmith.core.model_registry import ModelRegistry
+    from tunesmith.model_registry.local import ModelRegistry
 
     return ModelRegistry(path)
 
@@ -64,7 +64,7 @@ def list_(registry_path: str, stage: str | None, as_json: bool) -> None:
 @json_option
 def show(version: str | None, registry_path: str, as_json: bool) -> None:
     """Show one version (default: the production version)."""
-    from tunesmith.core.model_registry import RegistryError
+    from tunesmith.model_registry.local import RegistryError
 
     reg = _reg(registry_path)
     entry = reg.get(version) if version else reg.production()
@@ -117,7 +117,7 @@ def _kv(items: tuple[str, ...], what: str, numbers: bool) -> dict:
 def register(path: str, registry_path: str, version: str | None, artifacts: tuple[str, ...], metrics: tuple[str, ...],
              meta: tuple[str, ...], base_model: str | None, config_hash: str | None, stage: str, as_json: bool) -> None:
     """Register PATH: a run directory (its exports, metrics and config hash are read) or an artefact."""
-    from tunesmith.core.model_registry import _guess_kind, run_metadata
+    from tunesmith.model_registry.local import _guess_kind, run_metadata
 
     p = Path(path)
     if p.is_dir() and ((p / "final").is_dir() or (p / "exports").is_dir()):

@@ -26,7 +26,7 @@ def command(ctx: click.Context, base: str, adapters: tuple, registry_path: "str 
     /v1/adapters to load and unload adapters while running.
     """
     from tunesmith.cli import get_state
-    from tunesmith.core.serving import ModelServer, create_app, serve
+    from tunesmith.serving.server import ModelServer, create_app, serve
 
     parsed = {}
     for item in adapters:

@@ -46,7 +46,7 @@ def _run(mode: str, data: str, n: int, shots: int, seed: int, generator: str, ge
     from tunesmith.cli import get_state
     from tunesmith.core.data import load_records, write_records
     from tunesmith.core.io import atomic_write_jsonl
-    from tunesmith.core.synth import synthesize
+    from tunesmith.synth import synthesize
 
     regs = get_state().registries()
     records = load_records(data, format=fmt, registries=regs)

@@ -114,7 +114,7 @@ def registry_dir(cfg: Any) -> Path:
 def stage_register(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool) -> dict:
     if not cfg.registry.enabled:
         return {"skipped": "registry.enabled is false"}
-    from tunesmith.core.model_registry import ModelRegistry, run_metadata
+    from tunesmith.model_registry.local import ModelRegistry, run_metadata
 
     meta = run_metadata(rd.root)
     meta["metadata"].update({"config": cfg.source, "name": cfg.name})

@@ -25,26 +25,86 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
 @dataclass(frozen=True)
 class Area:
-    """One plugin area: its hook, the noun users see, and what an object must have."""
+    """One plugin area: its hook, the noun users see, and the Protocol in
+    :mod:`tunesmith.hookspecs` that says what an object must (and may) provide."""
 
     key: str
     hook: str
     noun: str
-    required: tuple[str, ...]
+    protocol: str  # "module:Class" under tunesmith.hookspecs
+
+    @property
+    def spec(self) -> type:
+        import importlib
+
+        mod, cls = self.protocol.split(":")
+        return getattr(importlib.import_module(f"tunesmith.hookspecs.{mod}"), cls)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Members every object must have (besides ``name`` and ``description``)."""
+        return protocol_members(self.spec)[0]
+
+    @property
+    def optional(self) -> dict[str, Any]:
+        """Optional members and the default core uses when an object lacks one."""
+        return protocol_members(self.spec)[1]
+
+
+def protocol_members(proto: type) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``(required, {optional: default})`` of an area Protocol.
+
+    A Protocol lists its members as annotations (attributes) and methods; those
+    named in its ``OPTIONAL`` tuple are optional, with the class attribute's value
+    as the default (``None`` for an optional method: core skips the call).
+    """
+    optional_names = set(getattr(proto, "OPTIONAL", ()))
+    names: list[str] = []
+    for klass in reversed(proto.__mro__):
+        if klass in (object,) or klass.__module__ in ("typing", "typing_extensions", "abc"):
+            continue
+        for n in getattr(klass, "__annotations__", {}):
+            if n != "OPTIONAL" and n not in names:
+                names.append(n)
+        for n, v in vars(klass).items():
+            if callable(v) and not n.startswith("_") and n not in names:
+                names.append(n)
+    required = tuple(n for n in names if n not in optional_names and n not in ("name", "description"))
+    optional: dict[str, Any] = {}
+    for n in names:
+        if n in optional_names:
+            v = getattr(proto, n, None)
+            optional[n] = None if callable(v) and not isinstance(v, type) else v
+    return required, optional
+
+
+def member(obj: Any, area: str, name: str) -> Any:
+    """An optional member of a plugin object, or its area Protocol's default
+    (``area`` is the area key, e.g. ``"peft_methods"``). Asking for a name the
+    Protocol does not declare is an error: every member core reads is declared."""
+    opt = AREAS[area].optional
+    if name not in opt and name not in AREAS[area].required:
+        raise AttributeError(f"'{name}' is not declared by the {AREAS[area].noun} protocol ({AREAS[area].protocol})")
+    return getattr(obj, name, opt.get(name))
 
 
 AREAS: dict[str, Area] = {
     a.key: a
     for a in (
-        Area("model_sources", "register_model_sources", "model source", ("resolve",)),
-        Area("peft_methods", "register_peft_methods", "PEFT method", ("apply",)),
-        Area("data_formats", "register_data_formats", "data format", ("detect", "to_canonical")),
-        Area("cleaners", "register_cleaners", "cleaner", ("apply",)),
-        Area("losses", "register_losses", "loss", ("compute",)),
-        Area("evaluators", "register_evaluators", "evaluator", ("evaluate",)),
-        Area("exporters", "register_exporters", "exporter", ("export",)),
-        Area("reward_functions", "register_reward_functions", "reward function", ("score",)),
-        Area("generators", "register_generators", "generator", ("generate",)),
+        Area("model_sources", "register_model_sources", "model source", "models:ModelSource"),
+        Area("peft_methods", "register_peft_methods", "PEFT method", "models:PeftMethod"),
+        Area("chat_templates", "register_chat_templates", "chat template", "templates:ChatTemplate"),
+        Area("data_formats", "register_data_formats", "data format", "data:DataFormat"),
+        Area("cleaners", "register_cleaners", "cleaner", "data:Cleaner"),
+        Area("generators", "register_generators", "generator", "data:Generator"),
+        Area("objectives", "register_objectives", "objective", "objectives:Objective"),
+        Area("losses", "register_losses", "loss", "training:Loss"),
+        Area("reward_functions", "register_reward_functions", "reward function", "training:RewardFunction"),
+        Area("loggers", "register_loggers", "logger", "tracking:Logger"),
+        Area("evaluators", "register_evaluators", "evaluator", "evaluation:Evaluator"),
+        Area("exporters", "register_exporters", "exporter", "export:Exporter"),
+        Area("registry_backends", "register_registry_backends", "registry back-end", "tracking:RegistryBackend"),
+        Area("serving_engines", "register_serving_engines", "serving engine", "serving:ServingEngine"),
     )
 }
 
@@ -271,9 +331,9 @@ class Registries:
             return f"{area.noun} {obj!r} has no valid 'name' (lower-case letters, digits, '_', '-', '.')"
         if not isinstance(getattr(obj, "description", None), str):
             return f"{area.noun} '{name}' has no 'description' string"
-        missing = [m for m in area.required if not callable(getattr(obj, m, None))]
+        missing = [m for m in area.required if not hasattr(obj, m)]
         if missing:
-            return f"{area.noun} '{name}' lacks the method(s) {', '.join(missing)}"
+            return f"{area.noun} '{name}' lacks {', '.join(missing)} (see the {area.protocol.split(':')[1]} protocol in docs/plugins.md)"
         opts = getattr(obj, "Options", None)
         if opts is not None:
             from pydantic import BaseModel

@@ -13,9 +13,9 @@ name without that is an error that names both distributions.
 Registration must be cheap: import torch, transformers and friends inside methods.
 """
 
-from tunesmith.hookspecs import cli, data, evaluation, export, models, training
+from tunesmith.hookspecs import cli, data, evaluation, export, models, objectives, serving, templates, tracking, training
 
 #: The spec modules, in the order the plugin manager adds them.
-SPEC_MODULES = (models, data, training, evaluation, export, cli)
+SPEC_MODULES = (models, templates, data, objectives, training, tracking, evaluation, export, serving, cli)
 
-__all__ = ["SPEC_MODULES", "cli", "data", "evaluation", "export", "models", "training"]
+__all__ = ["SPEC_MODULES", "cli", "data", "evaluation", "export", "models", "objectives", "serving", "templates", "tracking", "training"]

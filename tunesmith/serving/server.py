@@ -164,7 +164,7 @@ class ModelServer:
 
     def attach_registry(self, path: str | Path) -> None:
         """Load the registry's production (and canary/staging) adapters under their version names."""
-        from tunesmith.core.model_registry import ModelRegistry
+        from tunesmith.model_registry.local import ModelRegistry
 
         reg = ModelRegistry(path)
         data = reg.load()

@@ -15,10 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tunesmith.core.human_eval import CRITERIA, SCALE, read_sheet
+from tunesmith.human_eval.sheets import CRITERIA, SCALE, read_sheet
 from tunesmith.core.io import atomic_write_jsonl, iter_jsonl
 
-PAGE_PACKAGE = "tunesmith.core.human_eval_page"
+PAGE_PACKAGE = "tunesmith.human_eval.page"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
