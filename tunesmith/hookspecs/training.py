@@ -70,6 +70,18 @@ def after_step(run: Any, step: int, logs: dict) -> bool | None:
 
 
 @hookspec
+def after_log(run: Any, step: int, logs: dict) -> None:
+    """Called each time a training run logs a row (train or eval values), on rank 0.
+
+    :param run: the :class:`~tunesmith.core.context.RunContext`.
+    :param step: the global step the row belongs to.
+    :param logs: the logged values (``loss``, ``learning_rate``, ``eval_loss``,
+        reward curves, ...). Call ``run.request_stop(reason)`` to stop training
+        (a sweep prunes a trial this way).
+    """
+
+
+@hookspec
 def after_train(run: Any, result: dict) -> None:
     """Called once when training has finished.
 
