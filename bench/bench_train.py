@@ -98,7 +98,7 @@ def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -
     import yaml
 
     import tunesmith
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ts-"))
     data = tmp / "data.jsonl"

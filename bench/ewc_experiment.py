@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         base_model = {"source": "default"}
         base_dir = str(resolve_model_dir(ModelSection(), tunesmith.registry()))
 
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     timings: dict[str, float] = {}
     results: dict[str, dict] = {}

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for objective in args.only:
             run = tmp_p / f"run-{objective}"
             cfg = tunesmith.validate_config(objective_config(objective, model_dir, data[objective], run))
-            from tunesmith.core.training import train
+            from tunesmith.core.session import train
 
             result = train(cfg)
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]

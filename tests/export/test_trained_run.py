@@ -10,7 +10,7 @@ import yaml
 
 def _train(tmp_path: Path, tiny_model_dir: Path, tiny_chat_file: Path, peft: dict) -> Path:
     import tunesmith
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     cfg = {
         "model": {"source": "hf", "path": str(tiny_model_dir)},

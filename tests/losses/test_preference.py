@@ -80,7 +80,7 @@ def test_dpo_objective_with_ewc_trains_and_logs(make_cfg, tmp_path) -> None:
     """DPO + EWC in one run: both terms logged, rewards logged, Fisher stored as safetensors."""
     from safetensors.torch import load_file
 
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     chat = _jsonl(tmp_path / "general.jsonl", CHAT)
     cfg = make_cfg("dpo-ewc", losses=[{"name": "dpo", "beta": 0.1}, {"name": "ewc", "weight": 100.0, "data": str(chat), "batches": 2}])
@@ -102,7 +102,7 @@ def test_dpo_objective_with_ewc_trains_and_logs(make_cfg, tmp_path) -> None:
 
 
 def test_dpo_objective_with_qlora(make_cfg) -> None:
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     cfg = make_cfg("dpo-qlora", peft={"method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0})
     result = train(cfg)
@@ -110,7 +110,7 @@ def test_dpo_objective_with_qlora(make_cfg) -> None:
 
 
 def test_reward_objective_trains_a_scalar_head(make_cfg) -> None:
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
     from tunesmith.plugins.rewards.reward_model import load_reward_model
 
     cfg = make_cfg("rm", objective="reward", training={"learning_rate": 1e-2, "max_steps": 12})
@@ -139,9 +139,9 @@ def test_reward_objective_trains_a_scalar_head(make_cfg) -> None:
 def test_loss_and_objective_mismatch_is_a_config_error(make_cfg, objective, losses, match) -> None:
     from tunesmith.core.errors import ConfigError
     from tunesmith.core.plugins import get_registries
-    from tunesmith.core.preference import check_loss_requirements
+    from tunesmith.core.session import resolve_losses
 
     cfg = make_cfg("bad", objective=objective, losses=losses)
     with pytest.raises(ConfigError, match=match) as info:
-        check_loss_requirements(cfg, get_registries())
+        resolve_losses(cfg, get_registries())
     assert "losses" in str(info.value)

@@ -85,11 +85,10 @@ def rl_config(model_dir: Path, prompts: Path, out: Path, objective: str, pattern
     return {
         "model": {"source": "hf", "path": str(model_dir)},
         "data": {"path": str(prompts)},
-        "objective": objective,
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"max_steps": 12, "learning_rate": 2e-2, "gradient_checkpointing": False, "save_steps": 0,
                      "warmup_ratio": 0.0, "lr_scheduler": "constant", "report_to": [], "precision": "fp32"},
-        "rl": {"rewards": [{"name": "regex", "pattern": pattern, "mode": "match"}], "max_new_tokens": 2,
-               "temperature": 1.0, **rl},
+        "objective": {"name": objective, "rewards": [{"name": "regex", "pattern": pattern, "mode": "match"}],
+                      "max_new_tokens": 2, "temperature": 1.0, **rl},
         "output_dir": str(out),
     }

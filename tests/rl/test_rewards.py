@@ -102,7 +102,7 @@ def test_reward_model_reward_matches_a_direct_forward(tmp_path: Path, tiny_token
 
 
 def test_prompts_from_several_row_shapes(tmp_path: Path) -> None:
-    from tunesmith.core.rl import load_prompts, prompt_text
+    from tunesmith.core.rewards import load_prompts, prompt_text
 
     path = tmp_path / "p.jsonl"
     rows = [
@@ -111,20 +111,20 @@ def test_prompts_from_several_row_shapes(tmp_path: Path) -> None:
         {"instruction": "Add", "input": "1 and 2", "output": "3", "topic": "maths"},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = tunesmith.validate_config({"data": {"path": str(path)}, "objective": "grpo", "rl": {"system_prompt": "Be brief."}})
-    got = load_prompts(cfg)
+    cfg = tunesmith.validate_config({"data": {"path": str(path)}, "objective": {"name": "grpo", "system_prompt": "Be brief."}})
+    got = load_prompts(cfg, cfg.objective.options)
     assert [r["answer"] for r in got] == ["4", "Paris", "3"]
     assert [prompt_text(r) for r in got] == ["What is 2+2?", "Capital of France?", "Add\n\n1 and 2"]
     assert all(r["prompt"][0] == {"role": "system", "content": "Be brief."} for r in got)
     assert got[2]["topic"] == "maths" and got[1]["_row"] == 2
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"p.jsonl:2"):
-        load_prompts(cfg)
+        load_prompts(cfg, cfg.objective.options)
 
 
 def test_third_party_reward_plugin_is_used(tunesmith_plugin, tmp_path: Path) -> None:
     from tunesmith import hookimpl
-    from tunesmith.core.rl import RewardSet
+    from tunesmith.core.rewards import RewardSet
 
     class Shouty:
         name = "shouty"
@@ -141,11 +141,11 @@ def test_third_party_reward_plugin_is_used(tunesmith_plugin, tmp_path: Path) -> 
     tunesmith_plugin(Plugin(), "shouty-plugin")
     regs = tunesmith.registry()
     cfg = tunesmith.validate_config(
-        {"objective": "grpo", "rl": {"rewards": [{"name": "shouty", "weight": 2.0}, {"name": "length", "max": 1, "weight": 0.5}]}},
+        {"objective": {"name": "grpo", "rewards": [{"name": "shouty", "weight": 2.0}, {"name": "length", "max": 1, "weight": 0.5}]}},
         registries=regs,
     )
-    total, per = RewardSet(cfg, regs, None).score(["p", "p"], ["AB", "ab cd"], [{}, {}])
+    total, per = RewardSet(cfg, cfg.objective.options, regs, None).score(["p", "p"], ["AB", "ab cd"], [{}, {}])
     assert per == {"shouty": [1.0, 0.0], "length": [1.0, 0.0]}
     assert total == [2.5, 0.0]
     with pytest.raises(ConfigError, match="unknown reward function 'shoutey'"):
-        tunesmith.validate_config({"objective": "grpo", "rl": {"rewards": [{"name": "shoutey"}]}}, registries=regs)
+        tunesmith.validate_config({"objective": {"name": "grpo", "rewards": [{"name": "shoutey"}]}}, registries=regs)

@@ -45,7 +45,7 @@ def _rises(rows: list[dict], rl_target: tuple[str, float]) -> None:
 
 def test_grpo_reward_rises(rl_model_dir: Path, rl_target: tuple[str, float], prompts_file: Path, tmp_path: Path) -> None:
     from tunesmith.core.models import load_trained
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     pattern, _share = rl_target
     cfg = tunesmith.validate_config(rl_config(rl_model_dir, prompts_file, tmp_path / "run", "grpo", pattern, batch_size=16, num_generations=4, kl_coef=0.04))
@@ -70,7 +70,7 @@ def test_grpo_reward_rises(rl_model_dir: Path, rl_target: tuple[str, float], pro
 
 
 def test_ppo_reward_rises_and_resumes(rl_model_dir: Path, rl_target: tuple[str, float], prompts_file: Path, tmp_path: Path) -> None:
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     pattern, _share = rl_target
     data = rl_config(rl_model_dir, prompts_file, tmp_path / "run", "ppo", pattern, batch_size=16, mini_batch_size=8, ppo_epochs=2)
@@ -97,7 +97,7 @@ def test_ppo_with_a_reward_model(rl_model_dir: Path, prompts_file: Path, tmp_pat
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
@@ -106,8 +106,8 @@ def test_ppo_with_a_reward_model(rl_model_dir: Path, prompts_file: Path, tmp_pat
     rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
     tok.save_pretrained(tmp_path / "rm")
     data = rl_config(rl_model_dir, prompts_file, tmp_path / "run", "ppo", "x", batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4)
-    data["rl"]["rewards"] = []
-    data["rl"]["reward_model"] = str(tmp_path / "rm")
+    data["objective"]["rewards"] = []
+    data["objective"]["reward_model"] = str(tmp_path / "rm")
     data["training"].update(learning_rate=1e-3, max_steps=2)
     result = train(tunesmith.validate_config(data))
     rows = [r for r in _rows(tmp_path / "run") if "reward" in r]
@@ -116,12 +116,12 @@ def test_ppo_with_a_reward_model(rl_model_dir: Path, prompts_file: Path, tmp_pat
 
 
 def test_config_errors(rl_model_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     bad = rl_config(rl_model_dir, prompts_file, tmp_path / "run", "grpo", "x", batch_size=6, num_generations=4)
-    with pytest.raises(ConfigError, match="multiple of rl.num_generations"):
+    with pytest.raises(ConfigError, match="multiple of objective.num_generations"):
         train(tunesmith.validate_config(bad))
     none = rl_config(rl_model_dir, prompts_file, tmp_path / "run", "ppo", "x")
-    none["rl"]["rewards"] = []
+    none["objective"]["rewards"] = []
     with pytest.raises(ConfigError, match="no reward"):
         train(tunesmith.validate_config(none))

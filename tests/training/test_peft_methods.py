@@ -48,7 +48,7 @@ def test_method_trains_saves_and_reloads(key: str, make_cfg: Any, tunesmith_plug
 
     import tunesmith
     from tunesmith.core.models import load_trained
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     peft, lr = METHODS[key]
     cap = Capture()
@@ -87,7 +87,7 @@ def test_lora_adapter_loads_with_plain_peft(make_cfg: Any, tunesmith_plugin: Any
 
     import tunesmith
     from tunesmith.core.models import load_trained
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     cfg = make_cfg(name="plain", training={"max_steps": 4})
     result = train(cfg, tunesmith.registry())
@@ -109,7 +109,7 @@ def test_lora_adapter_loads_with_plain_peft(make_cfg: Any, tunesmith_plugin: Any
 
 
 def test_learning_rate_auto_rule() -> None:
-    from tunesmith.core.training import auto_learning_rate
+    from tunesmith.core.session import auto_learning_rate
 
     assert auto_learning_rate("lora", 135_000_000, 5000)[0] == pytest.approx(2e-4)
     assert auto_learning_rate("qlora", 135_000_000, 500)[0] == pytest.approx(1.6e-4)

@@ -88,7 +88,7 @@ def test_a_plain_trainer_checkpoint_still_resumes(make_cfg, tmp_path: Path) -> N
 
     import tunesmith
     from tunesmith.core import state_io
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     training = {"max_steps": 4, "save_steps": 2, "save_total_limit": 1, "lr_scheduler": "cosine", "warmup_steps": 1}
     peft = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1}

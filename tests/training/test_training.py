@@ -34,7 +34,7 @@ def test_gradient_accumulation_equals_full_batch(make_cfg: Any, tmp_path: Path) 
     import torch
 
     import tunesmith
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     data = write_jsonl(tmp_path / "varied.jsonl", varied_chat(8))
     common = {"max_steps": 1, "optimizer": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0, "weight_decay": 0.0}
@@ -71,7 +71,7 @@ def _run_cli(args: list[str], **kw: Any) -> subprocess.Popen:
 
 def test_sigkill_then_resume_equals_uninterrupted(make_cfg: Any, tmp_path: Path) -> None:
     import tunesmith
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     training = {"max_steps": 6, "save_steps": 2, "save_total_limit": 2, "batch_size": 4, "lr_scheduler": "cosine",
                 "warmup_steps": 1}
@@ -114,7 +114,7 @@ def test_sigkill_then_resume_equals_uninterrupted(make_cfg: Any, tmp_path: Path)
 
 def test_cpt_on_raw_text_and_packing_modes(make_cfg: Any, tmp_path: Path) -> None:
     import tunesmith
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     text = tmp_path / "corpus.jsonl"
     write_jsonl(text, [{"text": f"Paragraph {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 4)} for i in range(12)])
@@ -133,7 +133,7 @@ def test_cpt_on_raw_text_and_packing_modes(make_cfg: Any, tmp_path: Path) -> Non
 def test_eval_early_stopping_and_hooks(make_cfg: Any, tmp_path: Path, tiny_chat_file: Path, tunesmith_plugin: Any) -> None:
     import tunesmith
     from tunesmith import hookimpl
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     class Stopper:
         @hookimpl
@@ -177,7 +177,7 @@ def test_default_model_finetunes_and_stops(tmp_path: Path) -> None:
     import tunesmith
     from tunesmith.core.models import load_trained
     from tunesmith.core.render import render_prompt
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     rows = [json.loads(l) for l in (ROOT / "examples" / "data" / "quickstart.jsonl").read_text().splitlines()][:48]
     data = write_jsonl(tmp_path / "qs.jsonl", rows)

@@ -21,7 +21,7 @@ def command(config: str, resume: bool, output: str | None, overrides: tuple[str,
     tunesmith.json). Works under `torchrun --nproc_per_node=N` and `accelerate launch`.
     """
     from tunesmith.cli import get_state
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     cfg = load_cli_config(config, overrides)
     regs = get_state().registries(tuple(cfg.plugins.disable))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tunesmith.core.errors import ConfigError, TunesmithError
 
@@ -205,58 +205,63 @@ class PluginsSection(Strict):
     strict: bool = False
 
 
-# --------------------------------------------------------------------------- RL (PPO / GRPO)
+# --------------------------------------------------------------------------- objective
+class ObjectiveSection(PluginSection):
+    """``objective:`` - what the run optimises (an objective plugin) and its options.
+
+    Written as a name (``objective: dpo``) or a mapping whose other keys belong to
+    the objective's ``Options`` (``objective: {name: grpo, num_generations: 8}``).
+    """
+
+    _area: ClassVar[str] = "objectives"
+    name: str = "sft"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class RewardSpec(NamedPlugin):
+    """A reward-function plugin with a weight (the ``rewards:`` of RL objectives)."""
+
     _area: ClassVar[str] = "reward_functions"
     weight: float = 1.0
 
 
-class RLSection(Strict):
-    """``rl:`` - policy optimisation (``objective: ppo`` or ``grpo``); see docs/rl.md.
-
-    Steps, schedule, weight decay, gradient clipping, precision and seed come from
-    ``training:``; the prompts from ``data:``.
-    """
-
-    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward plugins with weights; their scores are summed.")
-    reward_model: str | None = Field(None, description="Shortcut for a reward_model reward with this path (weight 1).")
-    system_prompt: str | None = Field(None, description="System message put before every prompt that has none.")
-    learning_rate: float | None = Field(None, gt=0, description="None: training.learning_rate (auto: 1e-5 full, 2e-4 LoRA).")
-    batch_size: int = Field(16, ge=1, description="Completions generated per step (GRPO: prompts x num_generations).")
-    mini_batch_size: int = Field(4, ge=1, description="PPO: completions per optimiser update.")
-    ppo_epochs: int = Field(4, ge=1, description="PPO: passes over each batch of rollouts.")
-    num_generations: int = Field(4, ge=2, description="GRPO: completions per prompt (the group).")
-    num_iterations: int = Field(1, ge=1, description="GRPO: optimisation passes per generation batch (mu).")
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="GRPO loss normalisation (TRL's loss_type).")
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="GRPO: divide advantages by the reward std of the group/batch, or not.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest completion in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty against the reference (adapter disabled); GRPO's beta, PPO's initial coefficient.")
-    target_kl: float | None = Field(0.1, gt=0, description="PPO: adapt the KL coefficient towards this KL per completion (None: fixed).")
-    kl_horizon: int = Field(10000, ge=1, description="PPO: horizon of the adaptive KL controller (Ziegler et al.).")
-    cliprange: float = Field(0.2, gt=0, description="Clipping of the policy ratio (PPO and GRPO epsilon).")
-    cliprange_value: float = Field(0.2, gt=0, description="PPO: clipping of the value update.")
-    vf_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
-    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
-    whiten_advantages: bool = Field(True, description="PPO: normalise advantages per batch.")
+#: top-level keys that moved, and where to
+MOVED_KEYS = {
+    "rl": "the rl: section moved into the objective's own section: write "
+          "objective: {name: grpo, rewards: [...], num_generations: 4, ...} (the same keys; see docs/rl.md)",
+}
 
 
 # --------------------------------------------------------------------------- the whole config
+def nested_sections(path: str, options: Any) -> list[tuple[str, PluginSection]]:
+    """Plugin sections held by a plugin's options (fields typed as sections or lists of them)."""
+    out: list[tuple[str, PluginSection]] = []
+    if not isinstance(options, BaseModel):
+        return out
+    for field in type(options).model_fields:
+        value = getattr(options, field, None)
+        if isinstance(value, PluginSection):
+            out.append((f"{path}.{field}", value))
+        elif isinstance(value, list):
+            out.extend((f"{path}.{field}.{i}", v) for i, v in enumerate(value) if isinstance(v, PluginSection))
+    return out
+
+
 class Config(Strict):
     name: str | None = None
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
-    objective: Literal["sft", "cpt", "dpo", "reward", "ppo", "grpo"] = "sft"
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     peft: PeftSection = Field(default_factory=PeftSection)
     losses: list[LossSpec] | None = None
     training: TrainingSection = Field(default_factory=TrainingSection)
     evaluation: list[EvaluatorSpec] = Field(default_factory=list)
     export: list[ExportSpec] = Field(default_factory=list)
     registry: RegistrySection = Field(default_factory=RegistrySection)
-    rl: RLSection = Field(default_factory=RLSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     output_dir: str = "runs/run"
     seed: int = 42
@@ -277,9 +282,10 @@ class Config(Strict):
         p = Path(p).expanduser()
         return p if p.is_absolute() else (self._base_dir / p)
 
-    def plugin_sections(self) -> list[tuple[str, PluginSection]]:
-        """Every (key path, section) that names a plugin."""
-        out: list[tuple[str, PluginSection]] = [("model", self.model), ("peft", self.peft)]
+    def plugin_sections(self, nested: bool = True) -> list[tuple[str, PluginSection]]:
+        """Every (key path, section) that names a plugin; ``nested`` adds those inside
+        plugins' validated options (an objective's ``rewards``)."""
+        out: list[tuple[str, PluginSection]] = [("model", self.model), ("objective", self.objective), ("peft", self.peft)]
         for i, c in enumerate(self.data.cleaners or []):
             out.append((f"data.cleaners.{i}", c))
         for i, l in enumerate(self.losses or []):
@@ -288,8 +294,9 @@ class Config(Strict):
             out.append((f"evaluation.{i}", e))
         for i, x in enumerate(self.export):
             out.append((f"export.{i}", x))
-        for i, r in enumerate(self.rl.rewards):
-            out.append((f"rl.rewards.{i}", r))
+        if nested:
+            for path, section in list(out):
+                out.extend(nested_sections(path, section._options))
         return out
 
     def to_dict(self) -> dict:
@@ -488,6 +495,9 @@ def validate_config(
     check_plugins: bool = True,
 ) -> Config:
     lines = lines or {}
+    for key, why in MOVED_KEYS.items():
+        if isinstance(data, dict) and key in data:
+            raise ConfigError(why, key=key, source=source, line=lines.get((key,)))
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
@@ -504,11 +514,15 @@ def validate_config(
 
 
 def validate_plugin_sections(cfg: Config, registries: Any, *, lines: dict[tuple, int] | None = None) -> None:
-    """Validate each plugin-named section against its plugin's ``Options``."""
+    """Validate each plugin-named section against its plugin's ``Options`` (and the
+    plugin sections inside those options, such as an objective's rewards)."""
+    _validate_sections(cfg, registries, cfg.plugin_sections(nested=False), lines or {})
+
+
+def _validate_sections(cfg: Config, registries: Any, sections: list[tuple[str, PluginSection]], lines: dict[tuple, int]) -> None:
     from tunesmith.core.errors import PluginError
 
-    lines = lines or {}
-    for path, section in cfg.plugin_sections():
+    for path, section in sections:
         area = section._area
         key_path = tuple(int(p) if p.isdigit() else p for p in path.split("."))
         try:
@@ -533,6 +547,7 @@ def validate_plugin_sections(cfg: Config, registries: Any, *, lines: dict[tuple,
             section._options = options_model.model_validate(extra)
         except ValidationError as exc:
             raise _format_errors(exc, model=options_model, prefix=key_path, lines=lines, source=cfg.source) from None
+        _validate_sections(cfg, registries, nested_sections(path, section._options), lines)
 
 
 def load_config(
@@ -567,6 +582,7 @@ def config_schema(registries: Any) -> dict:
         "EvaluatorSpec": ("evaluators", "name"),
         "ExportSpec": ("exporters", "format"),
         "RewardSpec": ("reward_functions", "name"),
+        "ObjectiveSection": ("objectives", "name"),
     }
     for def_name, (area, key) in sections.items():
         base = defs.get(def_name)

@@ -76,7 +76,7 @@ def stage_data(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool)
 
 
 def stage_train(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool) -> dict:
-    from tunesmith.core.training import train
+    from tunesmith.core.session import train
 
     # a training stage that failed (or was killed) restarts from its last complete
     # checkpoint when it is run again with --from/--resume; a fresh run starts over

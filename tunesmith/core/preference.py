@@ -1,17 +1,13 @@
-"""Preference training: tokenising chosen/rejected pairs, the pairs collator, and the
-``dpo`` and ``reward`` objectives.
-
-Public pieces:
+"""Preference pairs as training batches: tokenising chosen/rejected pairs, the pairs
+collator, and :func:`train_on_pairs`, what the pair objectives (``dpo``,
+``reward``, ...) run inside the training session.
 
 * :func:`tokenize_pair` - one canonical pairs record (``{"prompt", "chosen",
   "rejected"}``) into chosen and rejected token ids with completion masks;
 * :class:`PairCollator` - pads a list of tokenised pairs into one batch of ``2B``
   rows, the B chosen first (``input_ids``, ``attention_mask``, ``completion_mask``,
   ``labels`` with -100 outside the completion, and ``margin`` when pairs carry one);
-* :func:`check_loss_requirements` - the config's losses against the batch kind of
-  the objective (``tokens`` or ``pairs``): a ConfigError before anything loads;
-* :func:`train_dpo` / :func:`train_reward` - what ``tunesmith.core.training.train``
-  dispatches to for ``objective: dpo`` and ``objective: reward``.
+* :func:`train_on_pairs` - tokenise, batch, train with the session's losses, save.
 """
 
 from __future__ import annotations
@@ -19,61 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tunesmith.core.errors import ConfigError, DataError
+from tunesmith.core.errors import DataError
 
 log = logging.getLogger("tunesmith.preference")
 
-IGNORE_INDEX = -100
-#: the batch kind each objective produces
-OBJECTIVE_BATCH = {"sft": "tokens", "cpt": "tokens", "dpo": "pairs", "reward": "pairs"}
-#: losses used when the config lists none
-DEFAULT_LOSSES = {"dpo": "dpo", "reward": "reward_model"}
-
-
-# --------------------------------------------------------------------------- config checks
-def check_loss_requirements(cfg: Any, registries: Any, batch_kind: str | None = None) -> list[tuple[Any, Any, float, Any]]:
-    """``[(spec, loss plugin, weight, options)]`` for the config, after checking that every
-    loss can read the batches of the objective.
-
-    A loss whose ``requires`` is ``"tokens"`` under a pairs objective (or the other
-    way round) is a ConfigError naming the loss and the objective; so is a pairs
-    objective without any pairs loss. With no ``losses:`` the objective's default
-    loss is used (``dpo`` for dpo, ``reward_model`` for reward, ``causal_lm`` else).
-    """
-    objective = getattr(cfg, "objective", "sft")
-    kind = batch_kind or OBJECTIVE_BATCH.get(objective, "tokens")
-    specs = list(cfg.losses or [])
-    out = []
-    if not specs:
-        name = DEFAULT_LOSSES.get(objective, "causal_lm")
-        loss = registries.losses.get(name)
-        opts_model = getattr(loss, "Options", None)
-        out.append((None, loss, 1.0, opts_model() if opts_model is not None else None))
-    for i, spec in enumerate(specs):
-        loss = registries.losses.get(spec.plugin_name)
-        needs = getattr(loss, "requires", None)
-        if needs is not None and needs != kind:
-            what = "chosen/rejected pairs" if needs == "pairs" else "token sequences"
-            have = "chosen/rejected pairs" if kind == "pairs" else "token sequences"
-            raise ConfigError(
-                f"the loss '{spec.plugin_name}' needs {what}, but objective '{objective}' gives {have}"
-                + (" (use objective: dpo or reward with preference-pair data)" if needs == "pairs" else
-                   " (with objective: dpo list dpo, with reward list reward_model)"),
-                key=f"losses.{i}.name",
-                source=getattr(cfg, "source", None),
-            )
-        opts = spec._options
-        if opts is None and getattr(loss, "Options", None) is not None:
-            opts = loss.Options.model_validate(spec.plugin_fields())
-        out.append((spec, loss, float(spec.weight), opts))
-    if kind == "pairs" and not any(getattr(l, "requires", None) == "pairs" for _, l, _, _ in out):
-        raise ConfigError(
-            f"objective '{objective}' needs a loss that reads chosen/rejected pairs "
-            f"(add {{name: {DEFAULT_LOSSES.get(objective, 'dpo')}}} to losses)",
-            key="losses",
-            source=getattr(cfg, "source", None),
-        )
-    return out
+from tunesmith.core.labelled import IGNORE_INDEX
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -187,57 +133,8 @@ class PairCollator:
         return batch
 
 
-# --------------------------------------------------------------------------- models
-def _prepare_reward_model(cfg: Any, registries: Any, context: Any) -> tuple[Any, Any, Any, Any]:
-    """A sequence classifier with one output over the base model, PEFT applied.
-
-    PEFT-library methods (lora, dora, qlora, ...) get ``task_type=SEQ_CLS`` so the new
-    ``score`` head is trained and saved with the adapter (``modules_to_save``).
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tunesmith.core.models import describe_trainable, pick_dtype, resolve_model_dir, setup_tokenizer
-    from tunesmith.core.training import _say, peft_options
-
-    method = registries.peft_methods.get(cfg.peft.method)
-    options = peft_options(cfg, method)
-    base_dir = resolve_model_dir(cfg, registries)
-    quant = method.quantization_config(options) if hasattr(method, "quantization_config") else None
-    dtype = cfg.model.dtype
-    if dtype == "auto" and cfg.training.precision == "fp32":
-        dtype = "float32"
-    tok = setup_tokenizer(AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False))
-    kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype), "num_labels": 1, "trust_remote_code": False}
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    model = AutoModelForSequenceClassification.from_pretrained(str(base_dir), **kwargs)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.use_cache = False
-    context.model, context.tokenizer = model, tok
-    context.state["base_params"] = sum(p.numel() for p in model.parameters())
-    if hasattr(method, "peft_config"):
-        from peft import get_peft_model
-
-        model = method.prepare(model, options, context) if hasattr(method, "prepare") else model
-        pcfg = method.peft_config(model, options, context)
-        pcfg.task_type = "SEQ_CLS"
-        if getattr(pcfg, "modules_to_save", None) is None:
-            pcfg.modules_to_save = ["score"]
-        elif "score" not in pcfg.modules_to_save:
-            pcfg.modules_to_save = list(pcfg.modules_to_save) + ["score"]
-        model = get_peft_model(model, pcfg)
-    else:
-        model = method.apply(model, options, context)
-        head = getattr(model, "score", None)
-        if head is not None:
-            head.requires_grad_(True)
-    context.model = model
-    _say(describe_trainable(model, method))
-    return model, tok, method, base_dir
-
-
 # --------------------------------------------------------------------------- training
-def _final_logs(history: list[dict], prefix: str) -> dict:
+def final_logs(history: list[dict], prefix: str) -> dict:
     """The last logged value of each ``<prefix>/...`` key."""
     out: dict[str, float] = {}
     for row in history:
@@ -247,84 +144,28 @@ def _final_logs(history: list[dict], prefix: str) -> dict:
     return out
 
 
-def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> dict:
-    import shutil
-    from pathlib import Path
+def train_on_pairs(session: Any, *, head: str = "causal_lm") -> dict:
+    """Train a pair objective inside ``session`` with the session's losses (the main
+    one reads ``pairs``; regularisers such as ``ewc`` may join); ``head`` is
+    ``sequence_classification`` for a reward model. Returns the result fields,
+    ``final/<loss>/...`` holding the main loss's last logged values."""
+    from tunesmith.core.registry import member
+    from tunesmith.core.training import ListDataset, eval_summary
 
-    from transformers import set_seed
-
-    from tunesmith.core.context import RunContext
-    from tunesmith.core.io import atomic_write_json
-    from tunesmith.core.rundir import RunDir
-    from tunesmith.core.training import (
-        CHECKPOINT_RE,
-        ListDataset,
-        _say,
-        auto_learning_rate,
-        build_training_arguments,
-        final_info,
-        last_checkpoint,
-        peft_options,
-        prepare_model,
-        run_trainer,
-        save_final,
-        training_records,
-    )
-
-    # the losses are checked before anything heavy is loaded
-    checked = check_loss_requirements(cfg, registries, "pairs")
-    losses = [(spec.plugin_name if spec is not None else plugin.name, plugin, opts, w) for spec, plugin, w, opts in checked]
-    main_loss = next(name for name, plugin, _, _ in losses if getattr(plugin, "requires", None) == "pairs")
-
-    run = RunDir.for_config(cfg)
-    checkpoint = None
-    if resume:
-        checkpoint = last_checkpoint(run.root)
-        _say(f"resuming from {checkpoint}" if checkpoint else
-             f"--resume: no complete checkpoint in {run.checkpoints_dir}; starting from the beginning")
-    elif run.checkpoints_dir.exists() and any(CHECKPOINT_RE.match(p.name) for p in run.checkpoints_dir.iterdir()):
-        _say(f"note: {run.checkpoints_dir} has checkpoints of an earlier run; they are replaced (use --resume to continue)")
-        shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
-        if run.metrics_path.exists():
-            run.metrics_path.unlink()
-    run.ensure()
-    run.write_config(cfg)
-    set_seed(cfg.training.seed)
-    context = RunContext(config=cfg, run_dir=run.root, registries=registries)
-    context.state["resume"] = checkpoint is not None
-    context.state["objective"] = objective
-
-    if objective == "reward":
-        model, tok, method, base_dir = _prepare_reward_model(cfg, registries, context)
-    else:
-        model, tok, method, base_dir = prepare_model(cfg, registries, context)
-    train_recs, eval_recs, source = training_records(cfg, registries, run)
+    cfg = session.cfg
+    main_loss = next(name for name, plugin, _, _ in session.losses if member(plugin, "losses", "requires") == "pairs")
+    model, tok = session.prepare_model(head=head)
+    train_recs, eval_recs, source = session.records()
     max_length = cfg.training.max_length
     train_ds = ListDataset(tokenize_pairs(tok, train_recs, max_length=max_length))
     eval_ds = ListDataset(tokenize_pairs(tok, eval_recs, max_length=max_length)) if eval_recs else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    collator = PairCollator(pad)
-
-    lr = cfg.training.learning_rate
-    if lr == "auto":
-        lr, why = auto_learning_rate(cfg.peft.method, context.state.get("base_params", 0), len(train_recs), objective=objective)
-        if objective == "dpo":
-            lr, why = lr * 0.1, why + f" x0.1 (DPO) = {lr * 0.1:.3g}"
-        _say(f"learning_rate auto: {why}")
-    args = build_training_arguments(
-        cfg, run, has_eval=eval_ds is not None, learning_rate=float(lr),
-        prediction_loss_only=True, label_names=["labels"],
+    lr = session.learning_rate(len(train_recs))
+    args = session.training_arguments(
+        has_eval=eval_ds is not None, learning_rate=lr, prediction_loss_only=True, label_names=["labels"],
     )
-    method_opts = peft_options(cfg, method)
-    trainer, out, runtime = run_trainer(
-        cfg, context, model=model, tok=tok, method=method, method_opts=method_opts, args=args,
-        train_ds=train_ds, eval_ds=eval_ds, collator=collator, losses=losses, batch_kind="pairs",
-        checkpoint=checkpoint,
-    )
-    result: dict[str, Any] = {
-        "run_dir": str(run.root),
-        "output_path": str(run.final_dir),
-        "objective": objective,
+    trainer, out, runtime = session.run_trainer(args=args, train_ds=train_ds, eval_ds=eval_ds, collator=PairCollator(pad))
+    fields: dict[str, Any] = {
         "train_loss": float(out.training_loss),
         "steps": int(trainer.state.global_step),
         "runtime_s": round(runtime, 2),
@@ -332,46 +173,11 @@ def _train_pairs(cfg: Any, registries: Any, *, resume: bool, objective: str) -> 
         "learning_rate": float(lr),
         "pairs": len(train_ds),
         "data": source,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "stop_reason": context.stop_reason,
     }
-    result.update({f"final/{k}": v for k, v in _final_logs(trainer.state.log_history, main_loss).items()})
-    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
-    if evals:
-        result["eval_loss"] = float(evals[-1]["eval_loss"])
-    if trainer.is_world_process_zero():
-        info = final_info(
-            cfg, registries, base_dir=base_dir, method=method, method_opts=method_opts, model=model, tok=tok,
-            result=result, objective=objective,
-            head="sequence_classification" if objective == "reward" else "causal_lm",
-            losses=[{"name": n, "weight": w} for n, _, _, w in losses],
-        )
-        save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
-        atomic_write_json(Path(run.root) / "train_result.json", result)
-    context.emit("after_train", result=result)
-    _say(f"trained {result['steps']} steps ({objective}) in {runtime:.0f}s; loss {result['train_loss']:.4f}; saved {run.final_dir}")
-    return result
-
-
-def train_dpo(cfg: Any, registries: Any = None, *, resume: bool = False) -> dict:
-    """``objective: dpo``: preference pairs, the ``dpo`` loss (plus any regulariser such as
-    ``ewc``), reference log-probs from the adapter-disabled model or a frozen copy.
-
-    Returns the result dict (``train_loss``, ``steps``, ``final/rewards/accuracies``, ...).
-    """
-    if registries is None:
-        from tunesmith.core.plugins import get_registries
-
-        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
-    return _train_pairs(cfg, registries, resume=resume, objective="dpo")
-
-
-def train_reward(cfg: Any, registries: Any = None, *, resume: bool = False) -> dict:
-    """``objective: reward``: a scalar-head reward model trained with the pairwise
-    Bradley-Terry loss (``reward_model``); ``RUN/final`` loads with
-    ``tunesmith.plugins.rewards.reward_model.load_reward_model``."""
-    if registries is None:
-        from tunesmith.core.plugins import get_registries
-
-        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
-    return _train_pairs(cfg, registries, resume=resume, objective="reward")
+    fields.update({f"final/{k}": v for k, v in final_logs(trainer.state.log_history, main_loss).items()})
+    fields.update(eval_summary(trainer.state.log_history))
+    session.save_final(
+        trainer.accelerator.unwrap_model(trainer.model), fields, head=head,
+        losses=[{"name": n, "weight": w} for n, _, _, w in session.losses],
+    )
+    return fields

@@ -1,13 +1,12 @@
-"""Supervised training (SFT, continued pre-training) on transformers' Trainer.
+"""Training machinery on transformers' Trainer, shared by the objectives.
 
-``train(cfg, registries, resume=False)`` is the entry point; it dispatches on
-``cfg.objective``: ``sft``/``cpt`` here, ``dpo``/``reward`` to
-:mod:`tunesmith.core.preference`, ``ppo``/``grpo`` to :mod:`tunesmith.core.rl`.
+The objectives themselves are plugins (``tunesmith/plugins/objectives/``); they run
+inside :class:`tunesmith.core.session.TrainingSession`.
 
 Reusable pieces (the preference and RL trainers build on them)
 ---------------------------------------------------------------
-* :func:`prepare_model` - load the base model, apply the PEFT method, print the
-  trainable share; returns ``(model, tokenizer, method, base_dir)``.
+* :func:`train_on_tokens` - what the token objectives (``sft``, ``cpt``) run:
+  tokenise, batch, train through :class:`TunesmithTrainer`, save.
 * :func:`build_training_arguments` - ``TrainingArguments`` from ``cfg.training``
   (checkpoints under ``RUN/checkpoints``, precision, schedules, eval/save cadence);
   keyword overrides win.
@@ -73,75 +72,13 @@ from tunesmith.core.context import RunContext
 from tunesmith.core.errors import ConfigError, DataError, TunesmithError
 from tunesmith.core.io import atomic_dir, atomic_open, atomic_write_json, atomic_write_text
 from tunesmith.core.labelled import IGNORE_INDEX, labelled_forward, shifted_labels
+from tunesmith.core.ranks import say
+from tunesmith.core.registry import member
 from tunesmith.core.rundir import RunDir
 
 log = logging.getLogger("tunesmith.training")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _say(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- learning rate
-LR_BASE = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4}
-
-
-def auto_learning_rate(method: str, n_params: int, n_examples: int, *, objective: str = "sft") -> tuple[float, str]:
-    """The usual rule: full 1e-5, LoRA/QLoRA/DoRA 2e-4, other methods 1e-4; x0.5 above
-    30B parameters, x0.7 above 10B; x1.2 above 100k examples, x0.8 below 1k."""
-    base = LR_BASE.get(method, 1e-4)
-    parts = [f"{base:g} ({method})"]
-    lr = base
-    if n_params > 30e9:
-        lr *= 0.5
-        parts.append("x0.5 (> 30B parameters)")
-    elif n_params > 10e9:
-        lr *= 0.7
-        parts.append("x0.7 (> 10B parameters)")
-    if n_examples > 100_000:
-        lr *= 1.2
-        parts.append("x1.2 (> 100k examples)")
-    elif n_examples < 1000:
-        lr *= 0.8
-        parts.append("x0.8 (< 1k examples)")
-    return lr, " ".join(parts) + f" = {lr:.3g}"
-
-
-# --------------------------------------------------------------------------- model
-def peft_options(cfg: Any, method: Any) -> Any:
-    opts = cfg.peft._options
-    if opts is None and getattr(method, "Options", None) is not None:
-        opts = method.Options.model_validate(cfg.peft.plugin_fields())
-    return opts
-
-
-def prepare_model(cfg: Any, registries: Any, context: RunContext | None = None) -> tuple[Any, Any, Any, Path]:
-    """Load the base model and apply ``cfg.peft``; returns (model, tokenizer, method, base_dir)."""
-    from tunesmith.core.models import describe_trainable, load_from_dir, pick_dtype, resolve_model_dir
-
-    method = registries.peft_methods.get(cfg.peft.method)
-    options = peft_options(cfg, method)
-    base_dir = resolve_model_dir(cfg, registries)
-    quant = method.quantization_config(options) if hasattr(method, "quantization_config") else None
-    dtype = cfg.model.dtype
-    if dtype == "auto" and cfg.training.precision in ("fp32",):
-        dtype = "float32"
-    model, tok = load_from_dir(
-        base_dir, dtype=pick_dtype(dtype), attn_implementation=cfg.model.attn_implementation, quantization=quant,
-    )
-    model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters())
-    if context is not None:
-        context.model, context.tokenizer = model, tok
-        context.state["base_params"] = n_params
-    model = method.apply(model, options, context)
-    if context is not None:
-        context.model = model
-    _say(describe_trainable(model, method))
-    return model, tok, method, base_dir
 
 
 # --------------------------------------------------------------------------- data
@@ -192,14 +129,16 @@ def _record_kind(r: dict) -> str:
     return "unknown"
 
 
-def tokenize_records(records: list[dict], tokenizer: Any, cfg: Any, *, objective: str | None = None) -> tuple[list[dict], dict]:
-    """Token examples (``input_ids``, ``labels``) for sft or cpt, and counts."""
+def tokenize_records(records: list[dict], tokenizer: Any, cfg: Any, *, continued: bool = False, objective: str = "sft") -> tuple[list[dict], dict]:
+    """Token examples (``input_ids``, ``labels``) and counts: chat/text records with
+    completion masks, or (``continued``) every token of the text, chunked to
+    ``training.max_length`` (continued pre-training). ``objective`` names the run's
+    objective in errors."""
     from tunesmith.core.render import chunk_tokens, render_chat, render_text
 
     t = cfg.training
-    objective = objective or cfg.objective
     stats = {"records": len(records), "truncated": 0, "dropped_no_labels": 0}
-    if objective == "cpt":
+    if continued:
         seqs = []
         for r in records:
             kind = _record_kind(r)
@@ -229,9 +168,9 @@ def tokenize_records(records: list[dict], tokenizer: Any, cfg: Any, *, objective
             continue
         out.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
     if stats["dropped_no_labels"]:
-        _say(f"warning: {stats['dropped_no_labels']} examples have no trainable token after truncation to {t.max_length} and were dropped")
+        say(f"warning: {stats['dropped_no_labels']} examples have no trainable token after truncation to {t.max_length} and were dropped")
     if stats["truncated"]:
-        _say(f"warning: {stats['truncated']} examples were truncated to max_length {t.max_length}")
+        say(f"warning: {stats['truncated']} examples were truncated to max_length {t.max_length}")
     if not out:
         raise DataError("no example has a trainable (assistant) token", hint="check the roles and training.max_length")
     stats["examples"] = len(out)
@@ -481,7 +420,7 @@ class SafeCheckpoints:
                 os.close(fd)
             except OSError:
                 pass
-            _rotate(final_parent, self.args.save_total_limit, self.state.best_model_checkpoint)
+            rotate_checkpoints(final_parent, self.args.save_total_limit, self.state.best_model_checkpoint)
         if self.args.parallel_mode.value == "distributed":
             import torch.distributed as dist
 
@@ -503,9 +442,8 @@ def make_trainer_class() -> type:
                      run: RunContext | None = None, batch_kind: str = "tokens", **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             if not losses:
-                from tunesmith.plugins.losses.causal_lm import CausalLM
-
-                losses = [("causal_lm", CausalLM(), None, 1.0)]
+                raise TunesmithError("TunesmithTrainer needs losses: [(name, loss plugin, options, weight)] "
+                                     "(the session resolves them: session.losses)")
             self.tunesmith_losses = losses
             self.run = run
             self.batch_kind = batch_kind
@@ -529,7 +467,7 @@ def make_trainer_class() -> type:
             total = None
             for name, plugin, options, weight in self.tunesmith_losses:
                 value, logs = plugin.compute(model, batch, options, self.run)
-                scaled = bool(getattr(plugin, "scaled_for_accumulation", False)) and num_items_in_batch is not None
+                scaled = bool(member(plugin, "losses", "scaled_for_accumulation")) and num_items_in_batch is not None
                 if model.training:
                     if scaled:
                         if self.args.average_tokens_across_devices and world > 1:
@@ -562,7 +500,7 @@ def make_trainer_class() -> type:
     return _TunesmithTrainer
 
 
-def _rotate(folder: Path, limit: int | None, best: str | None) -> None:
+def rotate_checkpoints(folder: Path, limit: int | None, best: str | None) -> None:
     if not limit or limit <= 0:
         return
     cps = sorted(
@@ -682,15 +620,16 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
 
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
             self.t0 = time.time()
-            self.tok0 = context.state.get("trainer").tokens_seen if context.state.get("trainer") else 0
+            self.tok0 = getattr(context.state.get("trainer"), "tokens_seen", 0)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.bar is None:
                 return
             tr = context.state.get("trainer")
             dt = max(time.time() - self.t0, 1e-6)
-            tps = ((tr.tokens_seen - self.tok0) if tr else 0) / dt
-            post = {"tok/s": f"{tps:.0f}"}
+            seen = getattr(tr, "tokens_seen", None)
+            tps = (seen - self.tok0) / dt if seen is not None else 0.0
+            post = {"tok/s": f"{tps:.0f}"} if tps else {}
             if self.loss is not None:
                 post["loss"] = f"{self.loss:.4f}"
             self.bar.set_postfix(post, refresh=False)
@@ -772,7 +711,8 @@ def save_final(model: Any, tokenizer: Any, method: Any, run: RunDir, info: dict)
     return run.final_dir
 
 
-def _model_info(cfg: Any, registries: Any) -> dict:
+def model_info(cfg: Any, registries: Any) -> dict:
+    """The ``model:`` section with the model source's resolved options (for tunesmith.json)."""
     from tunesmith.core.models import source_options
 
     data = cfg.model.model_dump(mode="json")
@@ -785,97 +725,25 @@ def _model_info(cfg: Any, registries: Any) -> dict:
     return data
 
 
-def _losses_for(cfg: Any, registries: Any, batch_kind: str) -> list[tuple[str, Any, Any, float]]:
-    specs = cfg.losses if cfg.losses else None
-    out = []
-    if specs is None:
-        plugin = registries.losses.get("causal_lm")
-        opts = plugin.Options() if getattr(plugin, "Options", None) else None
-        return [("causal_lm", plugin, opts, 1.0)]
-    for i, spec in enumerate(specs):
-        plugin = registries.losses.get(spec.name)
-        req = getattr(plugin, "requires", None)
-        if req is not None and req != batch_kind:
-            raise ConfigError(
-                f"the loss '{spec.name}' needs '{req}' batches, but objective '{cfg.objective}' gives '{batch_kind}' batches",
-                key=f"losses.{i}.name", source=cfg.source,
-            )
-        opts = spec._options
-        if opts is None and getattr(plugin, "Options", None) is not None:
-            opts = plugin.Options.model_validate(spec.plugin_fields())
-        out.append((spec.name, plugin, opts, float(spec.weight)))
-    return out
-
-
-# --------------------------------------------------------------------------- entry point
-def train(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
-    """Train as ``cfg`` says; returns the result (also passed to ``after_train``)."""
-    if registries is None:
-        from tunesmith.core.plugins import get_registries
-
-        registries = get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
-    if cfg.objective in ("dpo", "reward"):
-        from tunesmith.core import preference
-
-        fn = preference.train_dpo if cfg.objective == "dpo" else preference.train_reward
-        return fn(cfg, registries, resume=resume)
-    if cfg.objective in ("ppo", "grpo"):
-        from tunesmith.core import rl
-
-        fn = rl.train_ppo if cfg.objective == "ppo" else rl.train_grpo
-        return fn(cfg, registries, resume=resume)
-    return train_supervised(cfg, registries, resume=resume, run_dir=run_dir)
-
-
-def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
-    import torch
-    from transformers import set_seed
-
-    run = RunDir(Path(run_dir)) if run_dir else RunDir.for_config(cfg)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = None
-    if resume:
-        checkpoint = last_checkpoint(run.root)
-        if checkpoint is None:
-            _say(f"--resume: no complete checkpoint in {run.checkpoints_dir}; starting from the beginning")
-        else:
-            _say(f"resuming from {checkpoint}")
-    elif run.checkpoints_dir.exists() and any(CHECKPOINT_RE.match(p.name) for p in run.checkpoints_dir.iterdir()):
-        if rank0:
-            _say(f"note: {run.checkpoints_dir} has checkpoints of an earlier run; they are replaced (use --resume to continue)")
-            shutil.rmtree(run.checkpoints_dir, ignore_errors=True)
-            if run.metrics_path.exists():
-                run.metrics_path.unlink()
-    if rank0:
-        run.ensure()
-        run.write_config(cfg)
-    set_seed(cfg.training.seed)
-    context = RunContext(config=cfg, run_dir=run.root, registries=registries)
-    model, tok, method, base_dir = prepare_model(cfg, registries, context)
-    train_recs, eval_recs, source = training_records(cfg, registries, run)
-    examples, stats = tokenize_records(train_recs, tok, cfg)
-    eval_examples = tokenize_records(eval_recs, tok, cfg)[0] if eval_recs else []
+# --------------------------------------------------------------------------- the token objectives
+def train_on_tokens(session: Any, *, continued: bool = False) -> dict:
+    """Train a token objective inside ``session``: chat/text records with completion
+    masks (``sft``), or every token of the text chunked to max_length (``cpt``,
+    ``continued=True``); returns the objective's result fields."""
+    cfg = session.cfg
+    model, tok = session.prepare_model()
+    train_recs, eval_recs, source = session.records()
+    name = session.name
+    examples, stats = tokenize_records(train_recs, tok, cfg, continued=continued, objective=name)
+    eval_examples = tokenize_records(eval_recs, tok, cfg, continued=continued, objective=name)[0] if eval_recs else []
     train_ds, collator = build_datasets(examples, cfg, tok)
     eval_ds = build_datasets(eval_examples, cfg, tok)[0] if eval_examples else None
     if cfg.training.packing is True:
         eval_ds = ListDataset(eval_examples) if eval_examples else None
-    # learning rate
-    lr = cfg.training.learning_rate
-    if lr == "auto":
-        lr, why = auto_learning_rate(cfg.peft.method, context.state.get("base_params", 0), len(train_recs), objective=cfg.objective)
-        _say(f"learning_rate auto: {why}")
-    args = build_training_arguments(cfg, run, has_eval=eval_ds is not None, learning_rate=float(lr))
-    method_opts = peft_options(cfg, method)
-    batch_kind = "tokens"
-    losses = _losses_for(cfg, registries, batch_kind)
-    trainer, out, runtime = run_trainer(
-        cfg, context, model=model, tok=tok, method=method, method_opts=method_opts, args=args,
-        train_ds=train_ds, eval_ds=eval_ds, collator=collator, losses=losses, batch_kind=batch_kind,
-        checkpoint=checkpoint,
-    )
-    result: dict[str, Any] = {
-        "run_dir": str(run.root),
-        "output_path": str(run.final_dir),
+    lr = session.learning_rate(len(train_recs))
+    args = session.training_arguments(has_eval=eval_ds is not None, learning_rate=lr)
+    trainer, out, runtime = session.run_trainer(args=args, train_ds=train_ds, eval_ds=eval_ds, collator=collator)
+    fields: dict[str, Any] = {
         "train_loss": float(out.training_loss),
         "steps": int(trainer.state.global_step),
         "runtime_s": round(runtime, 2),
@@ -884,90 +752,15 @@ def train_supervised(cfg: Any, registries: Any, *, resume: bool = False, run_dir
         "learning_rate": float(lr),
         "examples": stats.get("examples"),
         "data": source,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "stop_reason": context.stop_reason,
     }
-    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
-    if evals:
-        result["eval_loss"] = float(evals[-1]["eval_loss"])
-        result["best_eval_loss"] = float(min(r["eval_loss"] for r in evals))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # each rank reports what it trained (diagnostics, tests)
-        rank = int(os.environ.get("RANK", "0"))
-        atomic_write_json(run.root / "ranks" / f"rank-{rank}.json",
-                          {"rank": rank, "world_size": world, "steps": result["steps"], "tokens": int(trainer.tokens_seen)})
-    if trainer.is_world_process_zero():
-        info = final_info(cfg, registries, base_dir=base_dir, method=method, method_opts=method_opts,
-                          model=model, tok=tok, result=result)
-        save_final(trainer.accelerator.unwrap_model(trainer.model), tok, method, run, info)
-        atomic_write_json(run.root / "train_result.json", result)
-    context.emit("after_train", result=result)
-    _say(f"trained {result['steps']} steps in {runtime:.0f}s; loss {result['train_loss']:.4f}; saved {run.final_dir}")
-    return result
+    fields.update(eval_summary(trainer.state.log_history))
+    session.save_final(trainer.accelerator.unwrap_model(trainer.model), fields)
+    return fields
 
 
-def run_trainer(
-    cfg: Any,
-    context: RunContext,
-    *,
-    model: Any,
-    tok: Any,
-    method: Any,
-    method_opts: Any,
-    args: Any,
-    train_ds: Any,
-    eval_ds: Any,
-    collator: Any,
-    losses: list[tuple[str, Any, Any, float]],
-    batch_kind: str,
-    checkpoint: Any = None,
-) -> tuple[Any, Any, float]:
-    """Build the :class:`TunesmithTrainer` with the standard callbacks and the PEFT
-    method's own, set the losses up, and train between the lifecycle events.
-
-    Returns ``(trainer, train_output, runtime_s)``. Shared by every objective that
-    trains through the Trainer (sft, cpt, dpo, reward).
-    """
-    from transformers.trainer_callback import PrinterCallback
-
-    run = RunDir(Path(context.run_dir))
-    trainer = TunesmithTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tok, losses=losses, run=context, batch_kind=batch_kind,
-        callbacks=standard_callbacks(cfg, run, context, has_eval=eval_ds is not None),
-    )
-    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
-    for cb in (method.callbacks(method_opts, context) if hasattr(method, "callbacks") else []):
-        trainer.add_callback(cb)
-    context.state["trainer"] = trainer
-    for _name, plugin, options, _w in losses:
-        if hasattr(plugin, "setup"):
-            plugin.setup(model, options, context)
-    context.emit("before_train")
-    t0 = time.time()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except BaseException as exc:
-        context.emit("on_train_error", error=exc)
-        raise
-    return trainer, out, time.time() - t0
-
-
-def final_info(cfg: Any, registries: Any, *, base_dir: Any, method: Any, method_opts: Any, model: Any, tok: Any,
-               result: dict, objective: str | None = None, **extra: Any) -> dict:
-    """What ``final/tunesmith.json`` records about a trained model (read by load_trained and the exporters)."""
-    info = {
-        "base_model_dir": str(base_dir),
-        "model": _model_info(cfg, registries),
-        "peft": {"method": method.name, "options": method_opts.model_dump(mode="json") if method_opts is not None else {},
-                 "mergeable": bool(getattr(method, "mergeable", False))},
-        "objective": objective or cfg.objective,
-        **extra,
-        "max_length": cfg.training.max_length,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "chat_template": bool(getattr(tok, "chat_template", None)),
-        "steps": result["steps"],
-        "train_loss": result["train_loss"],
-        "config_hash": cfg.hash(),
-    }
-    return info
+def eval_summary(history: list[dict]) -> dict:
+    """``eval_loss`` (last) and ``best_eval_loss`` of a Trainer's log history."""
+    evals = [r for r in history if "eval_loss" in r]
+    if not evals:
+        return {}
+    return {"eval_loss": float(evals[-1]["eval_loss"]), "best_eval_loss": float(min(r["eval_loss"] for r in evals))}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -65,8 +65,45 @@ class ModelSource(Protocol):
 
 @runtime_checkable
 class PeftMethod(Protocol):
+    """A PEFT method. Core reads only the members below."""
+
     name: str
     description: str
-    mergeable: bool
 
-    def apply(self, model: Any, options: Any, context: Any) -> Any: ...
+    #: ``merge`` folds the trained weights into a plain standalone model
+    mergeable: bool = False
+    #: ``save`` writes a complete model (full fine-tuning), not an adapter
+    saves_full_model: bool = False
+    #: the base learning rate of ``learning_rate: auto`` (before the size rules)
+    default_learning_rate: float = 1e-4
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "mergeable", "saves_full_model", "default_learning_rate",
+        "quantization_config", "peft_config", "prepare", "callbacks", "merge",
+    )
+
+    def apply(self, model: Any, options: Any, context: Any) -> Any:
+        """Wrap or modify the model; only the parameters to train keep ``requires_grad``."""
+
+    def save(self, model: Any, path: "Path") -> None:
+        """Write the trained weights (adapter or model) as safetensors into ``path``."""
+
+    def load(self, model: Any, path: "Path", options: Any = None) -> Any:
+        """Put saved weights onto a freshly loaded base ``model``; return the model."""
+
+    def quantization_config(self, options: Any) -> Any:
+        """Optional: a transformers quantisation config the base must load with (QLoRA)."""
+
+    def peft_config(self, model: Any, options: Any, context: Any) -> Any:
+        """Optional: the ``peft`` config (methods built on the peft library); core uses it
+        to give reward models a ``SEQ_CLS`` task and a trained ``score`` head."""
+
+    def prepare(self, model: Any, options: Any, context: Any) -> Any:
+        """Optional: ready the base before the adapter goes on (QLoRA's k-bit preparation)."""
+
+    def callbacks(self, options: Any, context: Any) -> list:
+        """Optional: transformers ``TrainerCallback``\ s the run adds (gradual unfreezing)."""
+
+    def merge(self, model: Any) -> Any:
+        """Optional (with ``mergeable``): the model with the trained weights folded in,
+        a plain transformers model that ``save_pretrained`` writes."""

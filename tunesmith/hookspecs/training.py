@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -102,11 +102,26 @@ def on_train_error(run: Any, error: BaseException) -> None:
 
 @runtime_checkable
 class Loss(Protocol):
+    """A loss term. Core reads only the members below."""
+
     name: str
     description: str
-    requires: str | None
 
-    def compute(self, model: Any, batch: Any, options: Any, context: Any) -> tuple[Any, dict]: ...
+    #: the batch kind it reads (``"tokens"``, ``"pairs"``, ...), matched against the
+    #: objective's ``batch_kind``; ``None`` for a regulariser that reads no batch
+    requires: str | None = None
+    #: the value is already normalised by ``batch.num_items_in_batch`` (the trainer
+    #: then scales it by the world size only); otherwise it is divided by the
+    #: accumulation steps
+    scaled_for_accumulation: bool = False
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("requires", "scaled_for_accumulation", "setup")
+
+    def compute(self, model: Any, batch: Any, options: Any, context: Any) -> tuple[Any, dict]:
+        """The unweighted loss tensor and the values to log."""
+
+    def setup(self, model: Any, options: Any, context: Any) -> None:
+        """Optional: once before training (EWC computes its Fisher information here)."""
 
 
 @runtime_checkable

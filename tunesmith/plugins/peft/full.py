@@ -19,6 +19,7 @@ class Full:
     name = "full"
     description = "Full fine-tuning of every weight; saves a complete safetensors model"
     mergeable = True  # nothing to merge: the result already is a standalone model
+    default_learning_rate = 1e-5
     saves_full_model = True
     Options = FullOptions
 

@@ -34,6 +34,7 @@ class LoRA(PeftLibraryMethod):
     name = "lora"
     description = "LoRA low-rank adapters (r, alpha, dropout, target modules incl. all-linear, rsLoRA); mergeable"
     mergeable = True
+    default_learning_rate = 2e-4
     Options = LoRAOptions
     use_dora = False
 

@@ -26,6 +26,7 @@ class QLoRA(LoRA):
     name = "qlora"
     description = "QLoRA: LoRA on a 4-bit nf4 base (bitsandbytes, double quantisation, compute dtype); mergeable"
     mergeable = True
+    default_learning_rate = 2e-4
     Options = QLoRAOptions
 
     def quantization_config(self, options: QLoRAOptions) -> Any:

@@ -1,0 +1,1 @@
+"""The built-in training objectives, one module each (entry points ``objective.*``)."""
