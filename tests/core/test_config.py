@@ -40,12 +40,31 @@ class FakeLora:
     def apply(self, model, options, context):
         return model
 
+    def save(self, model, path):
+        pass
+
+    def load(self, model, path, options=None):
+        return model
+
+
+class FakeSFT:
+    name = "sft"
+    description = "test objective"
+
+    def train(self, session, options):
+        return {}
+
 
 class FakePlugin:
     @staticmethod
     @tunesmith.hookimpl
     def register_model_sources(register):
         register(FakeSource())
+
+    @staticmethod
+    @tunesmith.hookimpl
+    def register_objectives(register):
+        register(FakeSFT())
 
     @staticmethod
     @tunesmith.hookimpl

@@ -115,7 +115,7 @@ def compare_cmd(
     """Run the same evaluators, with the same decoding, on two models; report side by side."""
     from tunesmith.cli import get_state
     from tunesmith.core.context import RunContext
-    from tunesmith.core.evaluation import DEFAULT_EVALUATORS, compare_models, evaluator_specs, load_any_model, specs_from_names
+    from tunesmith.core.evaluation import compare_models, default_evaluators, evaluator_specs, load_any_model, specs_from_names
 
     regs = get_state().registries()
     cfg = load_cli_config(config) if config else None
@@ -123,7 +123,7 @@ def compare_cmd(
         specs = evaluator_specs(cfg, regs)
         specs = [(n, _override(o, data, general_data, limit, max_new_tokens, batch_size, n)) for n, o in specs]
     else:
-        names = list(evaluators or DEFAULT_EVALUATORS)
+        names = list(evaluators or default_evaluators(regs))
         specs = specs_from_names(names, regs)
         specs = [(n, _override(o, data, general_data, limit, max_new_tokens, batch_size, n)) for n, o in specs]
     for name, opts in specs:

@@ -18,9 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from tunesmith.core.errors import ConfigError, TunesmithError
+from tunesmith.core.registry import member
 
 #: used when the config lists no cleaners (DESIGN.md)
-DEFAULT_CLEANERS = ("normalize", "length", "exact_dedupe", "near_dedupe", "pii", "quality")
+
+
+def default_cleaners(registries: Any) -> list[str]:
+    """The cleaners that run when the config lists none: those whose
+    ``default_order`` is set, in that order (built in: normalize, length,
+    exact_dedupe, near_dedupe, pii, quality)."""
+    chain = [(member(c, "cleaners", "default_order"), name) for name, c in registries.cleaners.items()]
+    return [name for order, name in sorted(c for c in chain if c[0] is not None)]
 
 
 @dataclass
@@ -89,10 +97,8 @@ def get_tokenizer(context: Any) -> Any:
     path = state.get("tokenizer_path")
     if path is None:
         cfg = getattr(context, "config", None)
-        if cfg is not None and getattr(cfg.model, "source", "default") != "default":
-            from tunesmith.core.models import resolve_model_dir
-
-            path = resolve_model_dir(cfg.model, getattr(context, "registries", None))
+        if cfg is not None:
+            path = tokenizer_source_dir(cfg, getattr(context, "registries", None))
     if path is None:
         from tunesmith.core.paths import tokenizer_dir
 
@@ -104,6 +110,21 @@ def get_tokenizer(context: Any) -> Any:
         except AttributeError:
             pass
     return tok
+
+
+def tokenizer_source_dir(cfg: Any, registries: Any = None) -> Any:
+    """Where the config's tokenizer can be read: the model source's own
+    ``tokenizer_dir`` when it has one (cheap: no weights are resolved), else the
+    resolved model folder."""
+    from tunesmith.core.models import resolve_model_dir, source_options
+
+    source, options = source_options(cfg.model, registries, base_dir=getattr(cfg, "base_dir", None))
+    cheap = member(source, "model_sources", "tokenizer_dir")
+    if cheap is not None:
+        found = cheap(options)
+        if found is not None:
+            return found
+    return resolve_model_dir(cfg.model, registries)
 
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -162,7 +183,7 @@ def resolve_cleaners(cleaners: Any, registries: Any) -> list[tuple[Any, Any]]:
 
         registries = get_registries()
     reg = registries.cleaners
-    specs = list(DEFAULT_CLEANERS) if cleaners is None else list(cleaners)
+    specs = default_cleaners(registries) if cleaners is None else list(cleaners)
     out = []
     for i, spec in enumerate(specs):
         if isinstance(spec, str):
@@ -221,7 +242,7 @@ def clean_records(
     """Run the cleaners in order over canonical records.
 
     :param cleaners: config ``CleanerSpec`` objects, ``{"name": ..., **options}`` dicts or
-        names; ``None`` runs :data:`DEFAULT_CLEANERS` with their default options.
+        names; ``None`` runs :func:`default_cleaners` with their default options.
     :param context: a :class:`~tunesmith.core.context.RunContext` (the token-length filter
         takes its tokenizer from it); one is made when None.
     :returns: kept records, rejects (one dict per dropped row: cleaner, code, reason,

@@ -25,12 +25,16 @@ from typing import Any, Iterator
 from tunesmith.core.context import RunContext
 from tunesmith.core.errors import ConfigError, TunesmithError
 from tunesmith.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from tunesmith.core.registry import member
 from tunesmith.core.rundir import RunDir
 
-DEFAULT_EVALUATORS = ("perplexity", "generation", "forgetting")
-#: metrics that are counts, not quality: shown but never called better or worse
-COUNT_METRICS = {"rows", "tokens", "scored_rows", "new_tokens_mean"}
-_LOWER_HINTS = ("perplexity", "loss", "latency", "forgetting")
+
+
+def default_evaluators(registries: Any) -> list[str]:
+    """The evaluators that run when the config lists none: those whose
+    ``default_order`` is set, in that order."""
+    chain = [(member(ev, "evaluators", "default_order"), name) for name, ev in registries.evaluators.items()]
+    return [name for order, name in sorted(c for c in chain if c[0] is not None)]
 
 
 # --------------------------------------------------------------------------- specs
@@ -46,10 +50,9 @@ def evaluator_specs(cfg: Any, registries: Any) -> list[tuple[str, Any]]:
                 opts = _validate_options(ev, spec.plugin_fields(), f"evaluation.{i}")
             out.append((spec.name, opts))
         return out
-    for name in DEFAULT_EVALUATORS:
-        if name in registries.evaluators:
-            ev = registries.evaluators.get(name)
-            out.append((name, ev.Options() if getattr(ev, "Options", None) is not None else None))
+    for name in default_evaluators(registries):
+        ev = registries.evaluators.get(name)
+        out.append((name, ev.Options() if getattr(ev, "Options", None) is not None else None))
     return out
 
 
@@ -111,11 +114,16 @@ def run_evaluators(
     return results
 
 
-def _lower_is_better(evaluator: Any, metric: str) -> bool:
-    declared = getattr(evaluator, "lower_is_better", None)
-    if declared is not None and metric in declared:
-        return True
-    return any(h in metric for h in _LOWER_HINTS) and declared is None
+def direction(evaluator: Any, metric: str) -> str | None:
+    """``"lower"`` or ``"higher"`` is better for ``metric``, as its evaluator declares
+    (``lower_is_better``; everything else higher), or None for the metrics it calls
+    ``neutral_metrics`` (counts: shown, never called better or worse). A metric of
+    an evaluator that is not installed any more gets no verdict."""
+    if evaluator is None:
+        return None
+    if metric in (member(evaluator, "evaluators", "neutral_metrics") or ()):
+        return None
+    return "lower" if metric in (member(evaluator, "evaluators", "lower_is_better") or ()) else "higher"
 
 
 def compare(base: dict[str, dict], tuned: dict[str, dict], registries: Any = None) -> dict[str, dict]:
@@ -134,12 +142,12 @@ def compare(base: dict[str, dict], tuned: dict[str, dict], registries: Any = Non
             change = tv - bv
             rel = (change / abs(bv) * 100.0) if bv not in (0, 0.0) and not math.isnan(bv) else None
             better = None
-            if metric not in COUNT_METRICS and not math.isnan(change):
-                lower = _lower_is_better(ev, metric) if ev is not None else any(h in metric for h in _LOWER_HINTS)
+            way = direction(ev, metric)
+            if way is not None and not math.isnan(change):
                 if change == 0:
                     better = "same"
                 else:
-                    better = "tuned" if (change < 0) == lower else "base"
+                    better = "tuned" if (change < 0) == (way == "lower") else "base"
             rows[metric] = {"base": bv, "tuned": tv, "change": change, "relative_change_pct": rel, "better": better}
         out[name] = rows
     return out
@@ -319,7 +327,8 @@ def _save_fig(fig: Any, out: Path) -> None:
 
 def plot_comparison(name: str, rows: dict[str, dict], out: Path) -> Path | None:
     """One PNG per evaluator: a pair of bars (base, tuned) per metric."""
-    metrics = [m for m, r in rows.items() if m not in COUNT_METRICS and all(_is_number(r[k]) and math.isfinite(r[k]) for k in ("base", "tuned"))]
+    # neutral metrics (counts: no verdict) are not plotted
+    metrics = [m for m, r in rows.items() if r.get("better") is not None and all(_is_number(r[k]) and math.isfinite(r[k]) for k in ("base", "tuned"))]
     if not metrics:
         return None
     import matplotlib

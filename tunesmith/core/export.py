@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.core.errors import TunesmithError
+from tunesmith.core.registry import member
 
 INFO_FILE = "tunesmith.json"
 #: written beside every exported artefact: what it came from and how it was checked
@@ -172,7 +173,16 @@ class TrainedRun:
         q = self.info.get("quantization")
         if isinstance(q, dict) and q:
             return True
-        return self.method == "qlora" or bool(self.method_options.get("load_in_4bit"))
+        if bool(self.method_options.get("load_in_4bit")):
+            return True
+        with contextlib.suppress(Exception):  # the method says so: it loads its base quantised
+            return member(_regs(None).peft_methods.get(self.method), "peft_methods", "quantization_config") is not None
+        return False
+
+    def method_plugin_options(self, plugin: Any) -> Any:
+        """The PEFT method's options as trained, validated by the plugin's ``Options``."""
+        opts_model = getattr(plugin, "Options", None)
+        return opts_model.model_validate(self.method_options) if opts_model is not None else None
 
     def base_model_dir(self, registries: Any = None) -> Path:
         """The base model's folder: ``base_model_dir`` of tunesmith.json, else its
@@ -211,10 +221,9 @@ class TrainedRun:
         if not q:
             with contextlib.suppress(Exception):
                 plugin = _regs(registries).peft_methods.get(self.method)
-                if hasattr(plugin, "quantization_config"):
-                    opts_model = getattr(plugin, "Options", None)
-                    opts = opts_model.model_validate(self.method_options) if opts_model is not None else None
-                    return plugin.quantization_config(opts)
+                quantization_config = member(plugin, "peft_methods", "quantization_config")
+                if quantization_config is not None:
+                    return quantization_config(self.method_plugin_options(plugin))
         o = self.method_options
         pick = lambda *keys, default=None: next((d[k] for d in (q, o) for k in keys if k in d), default)  # noqa: E731
         dtype = pick("bnb_4bit_compute_dtype", "compute_dtype", default="auto")
@@ -333,35 +342,34 @@ def dequantize_4bit_(model: Any) -> Any:
     return model
 
 
-MERGEABLE = {"LORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "ADALORA", "VERA", "FOURIERFT", "HRA", "BONE", "C3A", "MISS"}
+def method_plugin(run: TrainedRun, registries: Any = None) -> Any:
+    """The run's PEFT method plugin (a clear error when it is not installed)."""
+    try:
+        return _regs(registries).peft_methods.get(run.method)
+    except TunesmithError as exc:
+        raise TunesmithError(
+            f"{run.final_dir} was trained with the PEFT method '{run.method}', which is not installed: {exc}",
+            hint="install the plugin package that provides it",
+        ) from None
 
 
 def check_mergeable(run: TrainedRun, registries: Any = None) -> None:
-    """Raise a clear error when the run's method cannot be merged into the base weights."""
+    """Raise a clear error when the run's method cannot be merged into the base weights:
+    the method plugin says whether it merges (``mergeable``) and does it (``merge``)."""
     if run.is_full_model:
         return
-    method = run.method
-    ptype = (run.peft_type or "").upper()
-    why = {"PREFIX_TUNING": "prefix tuning adds virtual key/value tokens",
-           "PROMPT_TUNING": "prompt tuning adds virtual input tokens",
-           "P_TUNING": "p-tuning adds virtual input tokens"}.get(ptype, f"{ptype or 'its'} adapter has no weight delta")
-    plugin = None
-    with contextlib.suppress(Exception):
-        plugin = _regs(registries).peft_methods.get(method)
-    hint = "export it with --format adapter and serve it on the base model"
-    if plugin is not None and getattr(plugin, "mergeable", None) is False:
-        raise TunesmithError(f"the PEFT method '{method}' cannot be merged into the base weights: {why}", hint=hint)
-    if not run.is_peft_adapter:
+    plugin = method_plugin(run, registries)
+    if not member(plugin, "peft_methods", "mergeable") or member(plugin, "peft_methods", "merge") is None:
         raise TunesmithError(
-            f"{run.final_dir} holds no PEFT adapter (method '{method}'), so there is nothing peft can merge",
-            hint="only LoRA-style adapters (lora, qlora, dora, ia3) merge",
+            f"the PEFT method '{run.method}' cannot be merged into the base weights ({plugin.description})",
+            hint="export it with --format adapter and serve it on the base model",
         )
-    if ptype not in MERGEABLE:
-        raise TunesmithError(
-            f"the PEFT method '{method}' cannot be merged into the base weights: {why}, "
-            "which no weight of the base model can express",
-            hint=hint,
-        )
+
+
+def load_with_method(run: TrainedRun, base: Any, registries: Any = None) -> Any:
+    """Base + the run's trained weights through the method plugin's own ``load``."""
+    plugin = method_plugin(run, registries)
+    return plugin.load(base, run.final_dir, run.method_plugin_options(plugin)).eval()
 
 
 @dataclass
@@ -396,22 +404,22 @@ def merge_run(
         model = AutoModelForCausalLM.from_pretrained(str(run.final_dir), dtype=torch.float32, trust_remote_code=False)
         return Merged(model.eval(), tok, None, {"merged": False, "reason": "full model: nothing to merge"})
     check_mergeable(run, registries)
+    plugin = method_plugin(run, registries)
     ref = None
     if run.quantized:
         if check:
-            ref_model = load_adapter_model(run, registries=registries)
+            ref_model = load_with_method(run, load_base(run, registries=registries), registries)
             ref = logits_for(ref_model, tok)
             del ref_model
         base = load_base(run, registries=registries, quantized=qlora_base == "dequantized")
         if qlora_base == "dequantized":
             base = dequantize_4bit_(base)
-        model = load_adapter_model(run, registries=registries, base=base)
+        model = load_with_method(run, base, registries)
     else:
-        model = load_adapter_model(run, registries=registries, dtype=torch.float32)
+        model = load_with_method(run, load_base(run, dtype=torch.float32, registries=registries), registries)
         if check:
             ref = logits_for(model, tok)
-    merged = model.merge_and_unload()
-    merged = clean_copy(merged)
+    merged = clean_copy(plugin.merge(model))
     info: dict[str, Any] = {"merged": True, "peft_type": run.peft_type, "quantized_base": run.quantized}
     if run.quantized:
         info["qlora_base"] = qlora_base

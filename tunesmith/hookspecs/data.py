@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -74,21 +74,47 @@ def register_generators(register: Callable[..., None]) -> None:
 
 @runtime_checkable
 class DataFormat(Protocol):
+    """A data format. Core reads only the members below."""
+
     name: str
     description: str
-    kind: str
+    #: the canonical record kind it produces: ``chat``, ``pairs``, ``text`` (or a kind
+    #: of its own, such as KTO's ``unpaired``)
+    kind: str | None = None
+    #: the row keys it reads; any other key is an error (``metadata`` always allowed)
+    fields: tuple[str, ...] = ()
+    #: how to describe the expected row in an error, when ``fields`` alone is unclear
+    fields_hint: str | None = None
 
-    def detect(self, row: dict) -> bool: ...
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("kind", "fields", "fields_hint", "validate", "from_canonical")
 
-    def to_canonical(self, row: dict) -> dict: ...
+    def detect(self, row: dict) -> bool:
+        """Whether a raw row is in this format (``format: auto`` asks every format)."""
+
+    def to_canonical(self, row: dict) -> dict:
+        """The canonical record of a valid row."""
+
+    def validate(self, row: dict) -> list[str]:
+        """Optional: what is wrong with a row (empty: valid); rejects name these."""
+
+    def from_canonical(self, record: dict) -> dict:
+        """Optional: a canonical record back in this format (``tunesmith data convert``)."""
 
 
 @runtime_checkable
 class Cleaner(Protocol):
+    """A data cleaner. Core reads only the members below."""
+
     name: str
     description: str
+    #: its place in the default chain (run when the config lists no ``cleaners:``),
+    #: lowest first; ``None``: it runs only when listed
+    default_order: int | None = None
 
-    def apply(self, records: Iterable[dict], options: Any, context: Any) -> Iterator[Any]: ...
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_order",)
+
+    def apply(self, records: Iterable[dict], options: Any, context: Any) -> Iterator[Any]:
+        """Yield kept records and rejects (see docs/data.md)."""
 
 
 @runtime_checkable
@@ -96,4 +122,5 @@ class Generator(Protocol):
     name: str
     description: str
 
-    def generate(self, prompts: list[str], options: Any, context: Any) -> list[str]: ...
+    def generate(self, prompts: list[str], options: Any, context: Any) -> list[str]:
+        """One generated text per prompt."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -40,7 +40,20 @@ def after_evaluation(run: Any, evaluator: str, results: dict) -> None:
 
 @runtime_checkable
 class Evaluator(Protocol):
+    """An evaluator. Core reads only the members below."""
+
     name: str
     description: str
+    #: metrics where lower is better (perplexity, latency); every other metric is
+    #: higher-is-better, except the neutral ones
+    lower_is_better: tuple[str, ...] = ()
+    #: counts and context (rows, tokens): shown, never called better or worse
+    neutral_metrics: tuple[str, ...] = ()
+    #: its place among the evaluators that run when the config lists none; ``None``:
+    #: it runs only when listed
+    default_order: int | None = None
 
-    def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict: ...
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("lower_is_better", "neutral_metrics", "default_order")
+
+    def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict:
+        """``{"metrics": {...}, "samples": [...]}`` (JSON-serialisable)."""

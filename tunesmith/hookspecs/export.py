@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -44,7 +44,18 @@ def after_export(run: Any, exporter: str, path: Path) -> None:
 
 @runtime_checkable
 class Exporter(Protocol):
+    """An exporter. Core reads only the members below."""
+
     name: str
     description: str
 
-    def export(self, run_dir: Path, output: Path, options: Any, context: Any) -> Path: ...
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("default_output", "resolve_output")
+
+    def export(self, run_dir: "Path", output: "Path", options: Any, context: Any) -> "Path":
+        """Write the artefact atomically at ``output``; return its path."""
+
+    def default_output(self, run_dir: "Path", options: Any) -> "Path":
+        """Optional: where the artefact goes without ``-o`` (default RUN/export/NAME)."""
+
+    def resolve_output(self, output: "Path", options: Any) -> "Path":
+        """Optional: the real path for a given ``-o`` (a folder gets a file name, ...)."""

@@ -57,10 +57,19 @@ def register_peft_methods(register: Callable[..., None]) -> None:
 
 @runtime_checkable
 class ModelSource(Protocol):
+    """A model source. Core reads only the members below."""
+
     name: str
     description: str
 
-    def resolve(self, options: Any) -> "Path": ...
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("tokenizer_dir",)
+
+    def resolve(self, options: Any) -> "Path":
+        """A local folder transformers can load (config, safetensors weights, tokenizer)."""
+
+    def tokenizer_dir(self, options: Any) -> "Path | None":
+        """Optional: a folder with the tokenizer alone, found without resolving the
+        weights (data cleaning counts tokens this way before any model loads)."""
 
 
 @runtime_checkable

@@ -129,4 +129,5 @@ class RewardFunction(Protocol):
     name: str
     description: str
 
-    def score(self, prompts: list[str], completions: list[str], rows: list[dict], options: Any, context: Any) -> list[float]: ...
+    def score(self, prompts: list[str], completions: list[str], rows: list[dict], options: Any, context: Any) -> list[float]:
+        """One reward per completion (the rows are the prompt rows, with ``answer``)."""

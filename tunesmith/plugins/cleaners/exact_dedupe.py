@@ -29,6 +29,7 @@ def dedupe_key(record: dict, opts: Options) -> bytes:
 
 class ExactDedupe:
     name = "exact_dedupe"
+    default_order = 30  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Drop exact duplicates of normalised content (case, punctuation, whitespace folded)."
     Options = Options
 

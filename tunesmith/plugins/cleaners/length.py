@@ -44,6 +44,7 @@ def _sides(record: dict) -> list[tuple[str, str]]:
 
 class Length:
     name = "length"
+    default_order = 20  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Drop rows whose prompt or completion is too short or too long (characters and tokens)."
     Options = Options
 

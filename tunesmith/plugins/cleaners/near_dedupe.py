@@ -181,6 +181,7 @@ class _Sig:
 
 class NearDedupe:
     name = "near_dedupe"
+    default_order = 40  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Drop near-duplicates: MinHash LSH (datasketch) over folded text, threshold and n-gram configurable."
     Options = Options
 

@@ -45,6 +45,7 @@ def normalize_text(text: str, opts: Options) -> str:
 
 class Normalize:
     name = "normalize"
+    default_order = 10  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Normalise text: Unicode NFC, drop control characters, tidy whitespace."
     Options = Options
 

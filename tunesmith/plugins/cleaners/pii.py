@@ -119,6 +119,7 @@ def _is_ipv6(s: str) -> bool:
 
 class PII:
     name = "pii"
+    default_order = 50  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Scrub PII (e-mail, phone, SSN, Luhn-valid cards, IP addresses, own patterns) to typed placeholders."
     Options = Options
 

@@ -57,6 +57,7 @@ def check_output(text: str, opts: Options, *, cutoff: bool = True) -> tuple[str,
 
 class Quality:
     name = "quality"
+    default_order = 60  # in the default chain (normalize, length, exact_dedupe, near_dedupe, pii, quality)
     description = "Drop rows with empty turns, repeated n-grams, a dominant word or an output cut off mid-sentence."
     Options = Options
 

@@ -53,6 +53,8 @@ class Forgetting:
     description = "Perplexity on a general held-out corpus before and after fine-tuning: what the fine-tune cost."
     Options = ForgettingOptions
     lower_is_better = ("general_perplexity", "forgetting_pct")
+    neutral_metrics = ("rows", "general_perplexity_base")
+    default_order = 30
 
     def _ppl(self, model: Any, tokenizer: Any, rows: list, options: ForgettingOptions, desc: str) -> float:
         from tunesmith.core.evalset import perplexity_from, score_rows

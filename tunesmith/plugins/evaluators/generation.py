@@ -136,6 +136,8 @@ class GenerationEval:
     description = "Greedy decoding: exact match, BLEU, ROUGE-1/2/L, latency, tokens/s; accuracy and macro-F1 for labels."
     Options = GenerationOptions
     lower_is_better = ("latency_mean_ms", "latency_p95_ms")
+    neutral_metrics = ("rows", "scored_rows", "new_tokens_mean")
+    default_order = 20
 
     def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict:
         from tunesmith.core.evalset import generate, load_eval_rows, progress_bar, resolve_eval_path

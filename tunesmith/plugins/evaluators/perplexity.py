@@ -31,6 +31,8 @@ class Perplexity:
     description = "Perplexity over the label mask (exp of the mean token loss) on a held-out split or any file."
     Options = PerplexityOptions
     lower_is_better = ("perplexity", "loss")
+    neutral_metrics = ("tokens", "rows")
+    default_order = 10
 
     def evaluate(self, model: Any, tokenizer: Any, options: Any, context: Any) -> dict:
         from tunesmith.core.evalset import load_eval_rows, perplexity_from, resolve_eval_path, score_rows

@@ -26,6 +26,12 @@ class DefaultModel:
 
         return convert_gguf(default_gguf_path())
 
+    def tokenizer_dir(self, options: object) -> Path:
+        """The tokenizer alone (read from the GGUF once, cached): no weights converted."""
+        from tunesmith.core.paths import tokenizer_dir
+
+        return tokenizer_dir()
+
 
 @hookimpl
 def register_model_sources(register):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ class PrefixOptions(BaseModel):
 
 class PrefixTuning(PeftLibraryMethod):
     name = "prefix_tuning"
-    description = "Prefix tuning: trained key/value prefixes per layer (optional MLP projection); not mergeable"
+    description = "Prefix tuning: trained virtual key/value tokens per layer (optional MLP projection); not mergeable"
     mergeable = False
     Options = PrefixOptions
 

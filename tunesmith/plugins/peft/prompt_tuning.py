@@ -18,7 +18,7 @@ class PromptOptions(BaseModel):
 
 class PromptTuning(PeftLibraryMethod):
     name = "prompt_tuning"
-    description = "Prompt tuning: trained soft-prompt embeddings, optionally initialised from text; not mergeable"
+    description = "Prompt tuning: trained virtual input tokens (soft-prompt embeddings), optionally initialised from text; not mergeable"
     mergeable = False
     Options = PromptOptions
 

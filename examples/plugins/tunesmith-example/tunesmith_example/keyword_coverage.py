@@ -24,6 +24,8 @@ class KeywordCoverage:
     description = "Share of greedy answers that mention the required keywords."
     Options = Options
 
+    neutral_metrics = ("rows",)
+
     def evaluate(self, model: Any, tokenizer: Any, options: Options, context: Any) -> dict:
         from tunesmith.core.evalset import generate, load_eval_rows, resolve_eval_path
 

@@ -56,6 +56,7 @@ def _rewrite(record: dict, fold: bool) -> dict:
 
 class TypographyNormalize:
     name = "typography_normalize"
+    default_order = 10  # takes normalize's place in the default chain too
     description = "Whitespace, control characters, NFC, and typographic quotes/dashes folded to ASCII."
     Options = Options
 
