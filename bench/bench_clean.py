@@ -252,7 +252,7 @@ def _child(which: str, data_path: str, out_path: str, q) -> None:
     t0 = time.perf_counter()
     c0 = time.process_time()
     if which == "tunesmith":
-        from tunesmith.core.data import clean_records
+        from tunesmith.core.data_clean import clean_records
 
         res = clean_records(records, None, registries=regs, context=RunContext(registries=regs, tokenizer=tok))
         kept, rejects = res.records, res.rejects

@@ -210,13 +210,13 @@ def synthesize(
 
     :param generator: a generator name from the registry, or a generator object.
     :param options: the generator's options (a dict is validated with its ``Options``).
-    :param cleaners: as for :func:`tunesmith.core.data.clean_records` (None: the defaults).
+    :param cleaners: as for :func:`tunesmith.core.data_clean.clean_records` (None: the defaults).
     :param include_originals: clean the originals together with the new rows, so
         a paraphrase that duplicates an original is caught by dedupe.
     :returns: ``{"records", "rejects", "failures", "summary"}``.
     """
     from tunesmith.core.context import RunContext
-    from tunesmith.core.data import clean_records
+    from tunesmith.core.data_clean import clean_records
 
     if registries is None:
         from tunesmith.core.plugins import get_registries

@@ -80,3 +80,30 @@ def test_not_installed_means_not_listed():
     r = cli("plugins", "--json", env={})
     names = [e["name"] for e in json.loads(r.stdout)["areas"]["cleaners"]]
     assert "banned_words" not in names
+
+
+def test_an_objective_from_the_package_trains_with_tunesmith_train(installed, tmp_path, tiny_model_dir):
+    """One file and one entry point add an objective: `tunesmith train` runs it."""
+    r = cli("plugins", "--json", env=installed)
+    objectives = {e["name"]: e for e in json.loads(r.stdout)["areas"]["objectives"]}
+    assert objectives["best_of_n"]["distribution"] == "tunesmith-example"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say a word about topic {i}."}) + "\n" for i in range(4)), encoding="utf-8")
+    cfg = tmp_path / "bon.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"source": "hf", "path": str(tiny_model_dir)},
+        "data": {"path": str(prompts)},
+        "objective": {"name": "best_of_n", "n": 3, "max_new_tokens": 4,
+                      "rewards": [{"name": "length", "unit": "chars", "max": 8, "tolerance": 40}]},
+        "peft": {"method": "lora", "r": 4, "alpha": 8},
+        "training": {"max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "save_steps": 0,
+                     "eval_steps": 0, "report_to": [], "precision": "fp32", "gradient_checkpointing": False},
+        "output_dir": str(tmp_path / "run"),
+    }), encoding="utf-8")
+    r = cli("train", str(cfg), "--json", env={**installed, "TUNESMITH_NO_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert result["objective"] == "best_of_n" and result["steps"] == 2 and result["kept"] >= 1
+    info = json.loads((tmp_path / "run" / "final" / "tunesmith.json").read_text())
+    assert info["objective"] == "best_of_n"
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()

@@ -28,13 +28,20 @@ def cleaner_module(name: str, replaces: str | None = None) -> str:
     return CLEANER_PLUGIN.format(name=name, replaces=f", replaces={replaces!r}" if replaces else "")
 
 
-def test_builtins_come_from_entry_points():
+BUILT_IN = {
+    "model_sources": "default", "peft_methods": "lora", "data_formats": "alpaca", "cleaners": "normalize",
+    "objectives": "sft", "losses": "causal_lm", "reward_functions": "regex", "evaluators": "perplexity",
+    "exporters": "merged", "generators": "local",
+}
+
+
+@pytest.mark.parametrize("area,name", sorted(BUILT_IN.items()))
+def test_builtins_come_from_entry_points(area, name):
     regs = tunesmith.registry()
-    assert "lora" in regs.peft_methods or any(p.startswith("peft.") for p in regs.plugins)
-    for info in regs.plugins.values():
-        if info.name.startswith(("peft.", "data.", "cleaner.", "loss.", "eval.", "export.", "model.")):
-            assert info.distribution == "tunesmith"
-            assert info.version == tunesmith.__version__
+    entry = regs[area].entry(name)
+    assert entry.plugin.distribution == "tunesmith" and entry.plugin.version == tunesmith.__version__
+    ep = {e.name: e for e in plugins.iter_entry_points()}[entry.plugin.name]
+    assert ep.value.startswith("tunesmith.plugins."), ep.value  # through the same entry points a third party uses
 
 
 def test_every_registry_empty_when_every_entry_point_blocked(monkeypatch):
@@ -53,12 +60,14 @@ def test_allow_list_env_loads_nothing(monkeypatch):
     assert all(len(regs[a]) == 0 for a in AREAS)
 
 
-def test_core_imports_no_plugin_module():
+def test_importing_core_loads_no_plugin_module():
+    """At run time too (the source-level scan is tests/core/test_layering.py)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, tunesmith, tunesmith.core.config, tunesmith.core.plugins, tunesmith.core.registry, tunesmith.cli;"
+        "import sys, tunesmith, tunesmith.core.config, tunesmith.core.plugins, tunesmith.core.registry, "
+        "tunesmith.core.session, tunesmith.core.training, tunesmith.cli;"
         "print([m for m in sys.modules if m.startswith('tunesmith.plugins')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tunesmith.core.context import RunContext
-from tunesmith.core.data import clean_records
+from tunesmith.core.data_clean import clean_records
 from tunesmith.core.data_clean import Verdict
 from tunesmith.core.errors import TunesmithError
 

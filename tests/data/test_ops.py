@@ -90,7 +90,7 @@ def _cfg(tmp_path, data: dict):
 
 def test_prepare_data_end_to_end(tmp_path, regs, tokenizer):
     from tunesmith.core.context import RunContext
-    from tunesmith.core.data import prepare_data
+    from tunesmith.core.data_ops import prepare_data
 
     rows = _alpaca_rows(60)
     rows += rows[:5]                                            # exact duplicates
@@ -131,7 +131,7 @@ def test_prepare_data_end_to_end(tmp_path, regs, tokenizer):
 
 def test_prepare_data_sources_mixing_and_replay(tmp_path, regs, tokenizer):
     from tunesmith.core.context import RunContext
-    from tunesmith.core.data import prepare_data
+    from tunesmith.core.data_ops import prepare_data
 
     write_jsonl(tmp_path / "a.jsonl", _alpaca_rows(100))
     write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"Different task {i} asks for a reply.",

@@ -62,8 +62,16 @@ def test_multitask(tiny_model_dir: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "multitask" / "data" / "report.json").read_text())
     mixing = report.get("mixing") or {}
     assert mixing, report.keys()
-    # temperature mixing: both tasks take part
-    assert len(json.dumps(mixing)) > 2 and s["data"]["kept"] > 0
+    # temperature mixing (T = 2): both tasks take part, and the smaller task is drawn
+    # more often than its share of the rows
+    assert mixing["strategy"] == "temperature" and mixing["temperature"] == 2.0
+    sources = mixing["sources"]
+    assert len(sources) == 2 and all(src["drawn"] > 0 for src in sources), sources
+    small = min(sources, key=lambda src: src["size"])
+    rows = sum(src["size"] for src in sources)
+    drawn = sum(src["drawn"] for src in sources)
+    assert small["drawn"] / drawn > small["size"] / rows, sources
+    assert s["data"]["kept"] > 0
 
 
 def test_dpo(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ an empty file) raises :class:`~tunesmith.core.errors.DataError` naming the file 
 line. With ``skip_invalid=True`` the row goes to ``rejects`` (a list of dicts with
 ``stage``, ``source``, ``line``/``row``, ``reason`` and the raw row) instead.
 
-Cleaning, reports, splits, mixing and chunking live in ``data_clean``,
-``data_report`` and ``data_ops``; their public functions are re-exported here.
+Cleaning, reports, splits, mixing and chunking build on this module and live in
+``data_clean``, ``data_report`` and ``data_ops`` (this module imports none of
+them: the data modules form no cycle).
 """
 
 from __future__ import annotations
@@ -706,26 +707,3 @@ def write_records(
     else:
         raise DataError(f"cannot write '{suffix}' files", path=str(p), hint="use .jsonl, .json or .parquet")
     return p
-
-
-# --------------------------------------------------------------------------- re-exports (lazy, no cycles)
-#: names this module re-exports from the modules that build on it, imported on first use
-_LAZY = {
-    "clean_records": "tunesmith.core.data_clean",
-    "Verdict": "tunesmith.core.data_clean",
-    "DEFAULT_CLEANERS": "tunesmith.core.data_clean",
-    "run_cleaner": "tunesmith.core.data_clean",
-    "split_records": "tunesmith.core.data_ops",
-    "mix_sources": "tunesmith.core.data_ops",
-    "chunk_texts": "tunesmith.core.data_ops",
-    "prepare_data": "tunesmith.core.data_ops",
-    "build_report": "tunesmith.core.data_report",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

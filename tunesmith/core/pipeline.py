@@ -70,7 +70,7 @@ def write_state(run_dir: Path, state: dict) -> None:
 
 # --------------------------------------------------------------------------- the stages
 def stage_data(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool) -> dict:
-    from tunesmith.core.data import prepare_data
+    from tunesmith.core.data_ops import prepare_data
 
     return prepare_data(cfg, regs, rd.data_dir, ctx, progress=progress)
 
@@ -114,7 +114,8 @@ def registry_dir(cfg: Any) -> Path:
 def stage_register(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: bool) -> dict:
     if not cfg.registry.enabled:
         return {"skipped": "registry.enabled is false"}
-    from tunesmith.model_registry.local import ModelRegistry, run_metadata
+    from tunesmith.model_registry import open_config_registry
+    from tunesmith.model_registry.state import run_metadata
 
     meta = run_metadata(rd.root)
     meta["metadata"].update({"config": cfg.source, "name": cfg.name})
@@ -123,12 +124,14 @@ def stage_register(cfg: Any, regs: Any, rd: RunDir, ctx: RunContext, progress: b
         ((read_state(rd.root).get("stages") or {}).get("evaluate") or {}).get("result") or {}) if r["tuned"] is not None}
     metrics = metrics or meta["metrics"]
     folder = registry_dir(cfg)
-    entry = ModelRegistry(folder).register(
+    store = open_config_registry(cfg, regs)  # the registry.backend plugin (local versions.json, mlflow, ...)
+    entry = store.register(
         meta["artifacts"], metrics=metrics, config_hash=cfg.hash(), base_model=meta["base_model"],
         metadata=meta["metadata"], stage=cfg.registry.stage,
     )
     return {"name": cfg.registry.name or folder.name, "version": entry["version"], "stage": entry["stage"],
-            "path": str(folder), "artifacts": entry["artifacts"]}
+            "path": str(folder), "backend": cfg.registry.backend, "location": store.location,
+            "artifacts": entry["artifacts"]}
 
 
 STAGE_FUNCS: dict[str, Callable[..., dict]] = {
@@ -189,6 +192,15 @@ def run_pipeline(
     :param on_stage: called as ``on_stage(stage, event, info)`` with event
         ``start``, ``done`` or ``failed`` (the CLI prints progress with it).
     """
+    from tunesmith.core.plugins import activate
+
+    with activate(registries):  # every stage keeps the config's plugins.disable
+        return _run_pipeline(cfg, registries, from_stage=from_stage, resume=resume, until=until,
+                             progress=progress, on_stage=on_stage)
+
+
+def _run_pipeline(cfg: Any, registries: Any, *, from_stage: str | None, resume: bool, until: str | None,
+                  progress: bool, on_stage: Callable[[str, str, dict], None] | None) -> dict:
     rd = RunDir(RunDir.for_config(cfg).root.resolve()).ensure()
     state = read_state(rd.root)
     stages = plan_stages(state, from_stage=from_stage, resume=resume, until=until)
@@ -203,6 +215,12 @@ def run_pipeline(
     write_state(rd.root, state)
     ctx = RunContext(config=cfg, run_dir=rd.root, registries=registries)
     ctx.state["retrying_train"] = bool(from_stage or resume) and previous_train in ("failed", "running")
+    # one set of loggers for the whole run (the training session joins it): data report,
+    # curves, evaluation report and artefacts land in one MLflow / W&B run
+    from tunesmith.core.tracking import open_loggers, pipeline_results, stage_reporter
+
+    loggers = open_loggers(cfg, registries, ctx, resume=bool(from_stage or resume))
+    on_stage = stage_reporter(loggers, rd.root, on_stage)
     warnings: list[str] = []
     for s in STAGES[: STAGES.index(stages[0])] if stages else []:
         prev = state["stages"].get(s, {})
@@ -238,6 +256,7 @@ def run_pipeline(
     write_state(rd.root, state)
     summary = build_summary(cfg, rd, state, warnings=warnings)
     rd.write_summary(summary)
+    loggers.close("finished", pipeline_results(summary))
     return summary
 
 

@@ -15,11 +15,12 @@ Environment switches:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import threading
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
@@ -35,6 +36,8 @@ _lock = threading.RLock()
 _cache: dict[tuple, tuple[pluggy.PluginManager, Registries]] = {}
 #: extra plugin objects registered in-process (tests, notebooks): name -> module/object
 _extra: dict[str, Any] = {}
+#: the registries of the run in progress (innermost last), see activate()
+_active: list[Registries] = []
 
 
 def _last_line(exc: BaseException) -> str:
@@ -218,8 +221,42 @@ def get_plugin_manager(*, disable: tuple[str, ...] = (), strict: bool = False) -
     return _get(disable, strict)[0]
 
 
-def get_registries(*, disable: tuple[str, ...] = (), strict: bool = False) -> Registries:
-    return _get(disable, strict)[1]
+def get_registries(*, disable: tuple[str, ...] | None = None, strict: bool | None = None) -> Registries:
+    """The registries of the installed plugins (cached).
+
+    With no arguments: those of the run in progress when one is active (see
+    :func:`activate`: a config's ``plugins.disable`` / ``strict`` then hold in every
+    helper that looks the registries up itself), else every plugin.
+    """
+    if disable is None and strict is None and _active:
+        return _active[-1]
+    return _get(tuple(disable or ()), bool(strict))[1]
+
+
+def registries_for(cfg: Any = None, registries: Any = None) -> Registries:
+    """``registries`` when given, else those a config runs with (its ``plugins.disable``
+    and ``plugins.strict`` honoured), else :func:`get_registries`."""
+    if registries is not None:
+        return registries
+    if cfg is not None and getattr(cfg, "plugins", None) is not None:
+        return get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
+    return get_registries()
+
+
+@contextlib.contextmanager
+def activate(registries: Registries) -> Iterator[Registries]:
+    """Make ``registries`` what :func:`get_registries` returns (no arguments) inside the
+    block: one run's plugin choice holds everywhere in it."""
+    with _lock:
+        _active.append(registries)
+    try:
+        yield registries
+    finally:
+        with _lock:
+            if _active and _active[-1] is registries:
+                _active.pop()
+            elif registries in _active:
+                _active.remove(registries)
 
 
 def _get(disable: tuple[str, ...], strict: bool) -> tuple[pluggy.PluginManager, Registries]:
@@ -250,3 +287,4 @@ def unregister_plugin(name: str) -> None:
 def reset() -> None:
     with _lock:
         _cache.clear()
+        _active.clear()

@@ -42,11 +42,9 @@ log = logging.getLogger("tunesmith.session")
 
 def resolve_registries(cfg: Any, registries: Any = None) -> Any:
     """The registries a config runs with (its ``plugins.disable`` and ``strict`` honoured)."""
-    if registries is not None:
-        return registries
-    from tunesmith.core.plugins import get_registries
+    from tunesmith.core.plugins import registries_for
 
-    return get_registries(disable=tuple(cfg.plugins.disable), strict=cfg.plugins.strict)
+    return registries_for(cfg, registries)
 
 
 def section_options(plugin: Any, section: Any) -> Any:
@@ -126,9 +124,9 @@ def auto_learning_rate(method: Any, n_params: int, n_examples: int, *, registrie
     ``method`` is a PEFT method object or its name (looked up in ``registries``).
     """
     if isinstance(method, str):
-        from tunesmith.core.plugins import get_registries
+        from tunesmith.core.plugins import registries_for
 
-        method = (registries or get_registries()).peft_methods.get(method)
+        method = registries_for(None, registries).peft_methods.get(method)
     base = float(member(method, "peft_methods", "default_learning_rate"))
     parts = [f"{base:g} ({method.name})"]
     lr = base
@@ -445,11 +443,14 @@ class TrainingSession:
 
 def train(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
     """Train as ``cfg`` says (any objective); returns the result (also passed to ``after_train``)."""
+    from tunesmith.core.plugins import activate
+
     session = TrainingSession(cfg, registries, resume=resume, run_dir=run_dir)
-    session.start()
-    try:
-        fields = session.objective.train(session, session.options)
-    except BaseException as exc:
-        session.fail(exc)
-        raise
-    return session.finish(fields or {})
+    with activate(session.registries):  # helpers that look plugins up keep plugins.disable
+        session.start()
+        try:
+            fields = session.objective.train(session, session.options)
+        except BaseException as exc:
+            session.fail(exc)
+            raise
+        return session.finish(fields or {})
