@@ -575,7 +575,7 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
                         continue
                     if row.get("step", 0) <= state.global_step:
                         self.rows.append(row)
-            if "tensorboard" in (cfg.training.report_to or []):
+            if "tensorboard" in [getattr(x, "name", x) for x in (cfg.training.report_to or [])]:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
@@ -590,6 +590,7 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
             row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
             self.rows.append(row)
             atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            context.emit("after_log", step=state.global_step, logs=dict(row))
             if self.tb is not None:
                 for k, v in logs.items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -330,6 +330,8 @@ def train_ppo(session: Any, rl: "PPOOptions") -> dict:
             if bar is not None:
                 bar.set_postfix({"reward": f"{row['reward']:.3f}", "kl": f"{seq_kl:.3f}"}, refresh=False)
                 bar.update(1)
+            if session.is_main:
+                context.emit("after_log", step=step, logs=dict(row))
             results = context.emit("after_step", step=step, logs=dict(row))
             if any(r is True for r in results):
                 context.stop_reason = context.stop_reason or "a plugin's after_step asked to stop"
