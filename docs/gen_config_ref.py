@@ -22,14 +22,14 @@ SECTIONS = {
     "model": ("ModelSection", "model_sources", "source"),
     "data": ("DataSection", None, None),
     "data.cleaners[]": ("CleanerSpec", "cleaners", "name"),
+    "objective": ("ObjectiveSection", "objectives", "name"),
+    "objective.rewards[]": ("RewardSpec", "reward_functions", "name"),
     "peft": ("PeftSection", "peft_methods", "method"),
     "losses[]": ("LossSpec", "losses", "name"),
     "training": ("TrainingSection", None, None),
     "evaluation[]": ("EvaluatorSpec", "evaluators", "name"),
     "export[]": ("ExportSpec", "exporters", "format"),
     "registry": ("RegistrySection", None, None),
-    "rl": ("RLSection", None, None),
-    "rl.rewards[]": ("RewardSpec", "reward_functions", "name"),
     "plugins": ("PluginsSection", None, None),
 }
 

@@ -34,3 +34,22 @@ def test_no_documented_hook_is_stale():
     names = {name for name, _ in all_specs()}
     documented = [line.split("`")[1].split("(")[0] for line in DOC.read_text().splitlines() if line.startswith("#### `")]
     assert set(documented) == names
+
+
+def _gen_plugin_ref():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_plugin_ref", DOC.parent / "gen_plugin_ref.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_protocol_reference_is_generated_from_the_protocols():
+    gen = _gen_plugin_ref()
+    assert DOC.read_text(encoding="utf-8") == gen.render(), "run: python docs/gen_plugin_ref.py"
+
+
+def test_every_protocol_member_is_documented():
+    """Each member core reads (required or optional) has a docstring or a #: comment."""
+    assert _gen_plugin_ref().undocumented() == []
