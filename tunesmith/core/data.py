@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tunesmith.core.errors import DataError
+from tunesmith.core.registry import member
 
 log = logging.getLogger("tunesmith.data")
 
@@ -468,7 +469,7 @@ def get_format(name: str, registries: Any = None) -> Any:
 def _describe_formats(reg: Any) -> str:
     parts = []
     for name, fmt in reg.items():
-        fields = getattr(fmt, "fields_hint", None) or ", ".join(getattr(fmt, "fields", ()) or ())
+        fields = member(fmt, "data_formats", "fields_hint") or ", ".join(member(fmt, "data_formats", "fields") or ())
         parts.append(f"{name} ({fields})" if fields else name)
     return "; ".join(parts)
 
@@ -513,8 +514,8 @@ def to_canonical(row: dict, fmt: Any, loc: dict | None = None) -> dict:
     meta: dict = {}
     if isinstance(row.get("metadata"), dict):
         meta.update(row["metadata"])
-    known = set(getattr(fmt, "fields", ()) or ()) | {"metadata"}
-    if getattr(fmt, "fields", None):
+    known = set(member(fmt, "data_formats", "fields") or ()) | {"metadata"}
+    if member(fmt, "data_formats", "fields"):
         for k, v in row.items():
             if k not in known:
                 meta[k] = v
@@ -585,7 +586,7 @@ def iter_records(
         if not isinstance(row, dict):
             fail(rr.loc, f"expected a JSON object, got {_tname(row)}", row)
             continue
-        validate = getattr(fmt, "validate", None)
+        validate = member(fmt, "data_formats", "validate")
         problems = list(validate(row)) if validate else []
         if problems:
             fail(rr.loc, f"invalid {name} row: " + "; ".join(problems), row)
@@ -630,7 +631,7 @@ def kind_of(records: list[dict]) -> str | None:
 # --------------------------------------------------------------------------- conversion and writing
 def from_canonical(record: dict, fmt: Any) -> dict:
     """A canonical record as a row of ``fmt``; user metadata kept under ``metadata``."""
-    needed = getattr(fmt, "kind", None)
+    needed = member(fmt, "data_formats", "kind")
     have = record_kind(record)
     if needed and needed != have:
         raise DataError(f"{where(record)}: a {have} record cannot be written as {fmt.name} ({needed} records only)")

@@ -55,7 +55,7 @@ def default_output(run_dir: str | Path, fmt: str, options: Any = None, *, regist
     exporter's own ``default_output(run_dir, options)``)."""
     regs = _regs(registries)
     exporter = regs.exporters.get(fmt)
-    fn = getattr(exporter, "default_output", None)
+    fn = member(exporter, "exporters", "default_output")
     if callable(fn):
         return Path(fn(Path(run_dir), options))
     return Path(run_dir) / "exports" / fmt
@@ -111,7 +111,7 @@ def export_run(
     run = run_root(run_dir)
     out = Path(output) if output is not None else default_output(run, fmt, opts, registries=regs)
     out = out.expanduser()
-    resolve = getattr(exporter, "resolve_output", None)
+    resolve = member(exporter, "exporters", "resolve_output")
     if callable(resolve):  # e.g. GGUF: a folder means <folder>/model-<type>.gguf
         out = Path(resolve(out, opts))
     if out.exists() and not (overwrite or getattr(opts, "overwrite", False)):
