@@ -27,9 +27,10 @@ SECTIONS = {
     "peft": ("PeftSection", "peft_methods", "method"),
     "losses[]": ("LossSpec", "losses", "name"),
     "training": ("TrainingSection", None, None),
+    "training.report_to[]": ("LoggerSpec", "loggers", "name"),
     "evaluation[]": ("EvaluatorSpec", "evaluators", "name"),
     "export[]": ("ExportSpec", "exporters", "format"),
-    "registry": ("RegistrySection", None, None),
+    "registry": ("RegistrySection", "registry_backends", "backend"),
     "plugins": ("PluginsSection", None, None),
 }
 

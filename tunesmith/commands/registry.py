@@ -1,25 +1,56 @@
-"""``tunesmith registry list|show|register|promote|rollback|route``."""
+"""``tunesmith registry list|show|register|promote|rollback|route|path``."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from tunesmith.commands._common import echo_json, json_option
 
-registry_option = click.option(
-    "-r", "--registry", "-o", "--output", "registry_path", type=click.Path(file_okay=False),
-    default=lambda: os.environ.get("TUNESMITH_REGISTRY", "registry"), show_default="$TUNESMITH_REGISTRY or ./registry",
-    help="The registry folder (holds versions.json).",
-)
+
+def store_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-r DIR, --backend NAME, --option KEY=VALUE: which registry, through which back-end."""
+
+    @click.option(
+        "-r", "--registry", "-o", "--output", "registry_path", type=click.Path(file_okay=False),
+        default=lambda: os.environ.get("TUNESMITH_REGISTRY", "registry"), show_default="$TUNESMITH_REGISTRY or ./registry",
+        help="The registry folder (local: holds versions.json; mlflow: the default sqlite store and model name).",
+    )
+    @click.option(
+        "--backend", default=lambda: os.environ.get("TUNESMITH_REGISTRY_BACKEND", "local"),
+        show_default="$TUNESMITH_REGISTRY_BACKEND or local",
+        help="Registry back-end plugin: local (versions.json) or mlflow (MLflow Model Registry).",
+    )
+    @click.option(
+        "--option", "backend_options", multiple=True, metavar="KEY=VALUE",
+        help="A back-end option (repeatable), e.g. --option tracking_uri=http://127.0.0.1:5000 --option model_name=router.",
+    )
+    @functools.wraps(f)
+    def wrapper(*args: Any, registry_path: str, backend: str, backend_options: tuple[str, ...], **kwargs: Any) -> Any:
+        return f(*args, store=_Store(registry_path, backend, backend_options), **kwargs)
+
+    return wrapper
 
 
-def _reg(path: str):  # type: ignore[no-untyped-def]
-    from tunesmith.model_registry.local import ModelRegistry
+class _Store:
+    """The registry a command works on, opened on first use."""
 
-    return ModelRegistry(path)
+    def __init__(self, path: str, backend: str, options: tuple[str, ...]) -> None:
+        self.path, self.backend, self.options = path, backend, options
+        self._reg: Any = None
+
+    def open(self) -> Any:
+        if self._reg is None:
+            from tunesmith.cli import get_state
+            from tunesmith.model_registry import open_registry
+
+            self._reg = open_registry(self.path, self.backend, _kv(self.options, "--option", numbers=False),
+                                      registries=get_state().registries())
+        return self._reg
 
 
 @click.group("registry")
@@ -28,26 +59,26 @@ def command() -> None:
 
 
 @command.command("list")
-@registry_option
+@store_options
 @click.option("--stage", help="Only versions in this stage.")
 @json_option
-def list_(registry_path: str, stage: str | None, as_json: bool) -> None:
+def list_(store: _Store, stage: str | None, as_json: bool) -> None:
     """List versions, their stage and traffic share."""
-    reg = _reg(registry_path)
+    reg = store.open()
     data = reg.load()
     versions = [v for v in data["versions"] if stage is None or v["stage"] == stage]
     traffic = reg._traffic(data)
     if as_json:
-        echo_json({"registry": str(reg.root), "production": data["production"], "canary": data["canary"],
+        echo_json({"registry": reg.location, "backend": store.backend, "production": data["production"], "canary": data["canary"],
                    "staging": data["staging"], "shares": data["shares"], "traffic": traffic, "versions": versions})
         return
     if not versions:
-        click.echo(f"{reg.root}: no versions")
+        click.echo(f"{reg.location}: no versions")
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=str(reg.root), title_justify="left")
+    table = Table(title=reg.location, title_justify="left")
     for col in ("version", "stage", "traffic", "created", "artefacts", "metrics"):
         table.add_column(col, overflow="fold")
     for v in versions:
@@ -60,13 +91,13 @@ def list_(registry_path: str, stage: str | None, as_json: bool) -> None:
 
 @command.command("show")
 @click.argument("version", required=False)
-@registry_option
+@store_options
 @json_option
-def show(version: str | None, registry_path: str, as_json: bool) -> None:
+def show(version: str | None, store: _Store, as_json: bool) -> None:
     """Show one version (default: the production version)."""
-    from tunesmith.model_registry.local import RegistryError
+    from tunesmith.model_registry.state import RegistryError
 
-    reg = _reg(registry_path)
+    reg = store.open()
     entry = reg.get(version) if version else reg.production()
     if entry is None:
         raise RegistryError("no production version", hint="name a version: tunesmith registry show VERSION")
@@ -105,7 +136,7 @@ def _kv(items: tuple[str, ...], what: str, numbers: bool) -> dict:
 
 @command.command("register")
 @click.argument("path", type=click.Path())
-@registry_option
+@store_options
 @click.option("--version", "version", help="Version name (default: the next vN).")
 @click.option("--artifact", "artifacts", multiple=True, metavar="KIND=PATH", help="Extra artefacts (repeatable).")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME=NUMBER", help="A metric (repeatable).")
@@ -114,10 +145,10 @@ def _kv(items: tuple[str, ...], what: str, numbers: bool) -> dict:
 @click.option("--config-hash", help="Hash of the config that trained it (default: from the run).")
 @click.option("--stage", default="registered", show_default=True, help="Stage to put it in right away.")
 @json_option
-def register(path: str, registry_path: str, version: str | None, artifacts: tuple[str, ...], metrics: tuple[str, ...],
+def register(path: str, store: _Store, version: str | None, artifacts: tuple[str, ...], metrics: tuple[str, ...],
              meta: tuple[str, ...], base_model: str | None, config_hash: str | None, stage: str, as_json: bool) -> None:
     """Register PATH: a run directory (its exports, metrics and config hash are read) or an artefact."""
-    from tunesmith.model_registry.local import _guess_kind, run_metadata
+    from tunesmith.model_registry.state import guess_kind as _guess_kind, run_metadata
 
     p = Path(path)
     if p.is_dir() and ((p / "final").is_dir() or (p / "exports").is_dir()):
@@ -126,7 +157,7 @@ def register(path: str, registry_path: str, version: str | None, artifacts: tupl
         info = {"artifacts": {_guess_kind(p): str(p)}, "metrics": {}, "metadata": {}, "config_hash": None, "base_model": None}
     arts = dict(info["artifacts"])
     arts.update(_kv(artifacts, "--artifact", numbers=False))
-    entry = _reg(registry_path).register(
+    entry = store.open().register(
         arts,
         version=version,
         metrics={**info["metrics"], **_kv(metrics, "--metric", numbers=True)},
@@ -144,13 +175,13 @@ def register(path: str, registry_path: str, version: str | None, artifacts: tupl
 @command.command("promote")
 @click.argument("version")
 @click.argument("stage", type=click.Choice(["registered", "canary", "staging", "production", "archived"]))
-@registry_option
+@store_options
 @click.option("--share", type=float, help="Traffic share for canary/staging (0-1; defaults 0.05 and 0.10).")
 @click.option("--reason", help="Why (kept in the history).")
 @json_option
-def promote(version: str, stage: str, registry_path: str, share: float | None, reason: str | None, as_json: bool) -> None:
+def promote(version: str, stage: str, store: _Store, share: float | None, reason: str | None, as_json: bool) -> None:
     """Move VERSION to STAGE (production makes it the current version)."""
-    entry = _reg(registry_path).promote(version, stage, share=share, reason=reason)
+    entry = store.open().promote(version, stage, share=share, reason=reason)
     if as_json:
         echo_json(entry)
     else:
@@ -158,13 +189,13 @@ def promote(version: str, stage: str, registry_path: str, share: float | None, r
 
 
 @command.command("rollback")
-@registry_option
+@store_options
 @click.option("--to", "to", help="Version to return to (default: the previous production version).")
 @click.option("--reason", help="Why (kept in the history).")
 @json_option
-def rollback(registry_path: str, to: str | None, reason: str | None, as_json: bool) -> None:
+def rollback(store: _Store, to: str | None, reason: str | None, as_json: bool) -> None:
     """Return production to the previous production version."""
-    entry = _reg(registry_path).rollback(to=to, reason=reason)
+    entry = store.open().rollback(to=to, reason=reason)
     if as_json:
         echo_json(entry)
     else:
@@ -173,11 +204,11 @@ def rollback(registry_path: str, to: str | None, reason: str | None, as_json: bo
 
 @command.command("route")
 @click.argument("request_ids", nargs=-1, required=True)
-@registry_option
+@store_options
 @json_option
-def route(request_ids: tuple[str, ...], registry_path: str, as_json: bool) -> None:
+def route(request_ids: tuple[str, ...], store: _Store, as_json: bool) -> None:
     """Which version serves each request id (MD5 bucket against the traffic shares)."""
-    reg = _reg(registry_path)
+    reg = store.open()
     data = reg.load()
     out = {rid: reg.route_in(data, rid) for rid in request_ids}
     if as_json:
@@ -185,3 +216,22 @@ def route(request_ids: tuple[str, ...], registry_path: str, as_json: bool) -> No
     else:
         for rid, v in out.items():
             click.echo(f"{rid}: {v}")
+
+
+@command.command("path")
+@click.option("--kind", help="Which artefact (adapter, merged, gguf-q8_0, ...); default: the first one.")
+@store_options
+@json_option
+def path_(kind: str | None, store: _Store, as_json: bool) -> None:
+    """Print the production version's artefact path (for scripts: serve, deploy)."""
+    from tunesmith.model_registry.state import RegistryError
+
+    reg = store.open()
+    prod = reg.production()
+    p = reg.current_path(kind)
+    if p is None or prod is None:
+        raise RegistryError(f"{reg.location}: no production version")
+    if as_json:
+        echo_json({"version": prod["version"], "kind": kind or next(iter(prod["artifacts"])), "path": str(p)})
+    else:
+        click.echo(str(p))

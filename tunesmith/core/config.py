@@ -143,6 +143,20 @@ class EarlyStopping(Strict):
     threshold: float = 0.01
 
 
+class LoggerSpec(NamedPlugin):
+    """An entry of ``training.report_to``: a logger plugin's name (``mlflow``) or a
+    mapping of its name and options (``{name: mlflow, tracking_uri: ...}``)."""
+
+    _area: ClassVar[str] = "loggers"
+
+    def __eq__(self, other: object) -> bool:  # "tensorboard" in cfg.training.report_to
+        if isinstance(other, str):
+            return self.name == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class TrainingSection(Strict):
     """``training:`` - optimisation settings. Defaults follow the brief (SEED-FACTS)."""
 
@@ -179,7 +193,23 @@ class TrainingSection(Strict):
     early_stopping: EarlyStopping | None = Field(default_factory=EarlyStopping)
     seed: int = 42
     num_workers: int = 0
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    #: experiment loggers (plugins): names or {name: ..., options}; jsonl (metrics.jsonl) is always on
+    report_to: list[LoggerSpec] = Field(
+        default_factory=lambda: [LoggerSpec(name="tensorboard")],
+        description="Experiment loggers: names (tensorboard, mlflow, wandb) or {name: mlflow, tracking_uri: ...}; "
+                    "[] or none for none. jsonl (metrics.jsonl) is always on.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _logger_names(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"name": x} if isinstance(x, str) else x for x in v if x != "none"]
+        return v
 
 
 # --------------------------------------------------------------------------- evaluation / export / registry
@@ -193,7 +223,13 @@ class ExportSpec(PluginSection):
     format: str
 
 
-class RegistrySection(Strict):
+class RegistrySection(PluginSection):
+    """``registry:`` - where the register stage puts versions: ``backend`` (a registry
+    back-end plugin: ``local`` versions.json, ``mlflow`` Model Registry) and its options."""
+
+    _key: ClassVar[str] = "backend"
+    _area: ClassVar[str] = "registry_backends"
+    backend: str = "local"
     path: str = "registry"
     name: str | None = None
     stage: Literal["registered", "canary", "staging", "production", "archived"] = "registered"
@@ -294,6 +330,9 @@ class Config(Strict):
             out.append((f"evaluation.{i}", e))
         for i, x in enumerate(self.export):
             out.append((f"export.{i}", x))
+        for i, lg in enumerate(self.training.report_to):
+            out.append((f"training.report_to.{i}", lg))
+        out.append(("registry", self.registry))
         if nested:
             for path, section in list(out):
                 out.extend(nested_sections(path, section._options))
@@ -582,6 +621,8 @@ def config_schema(registries: Any) -> dict:
         "EvaluatorSpec": ("evaluators", "name"),
         "ExportSpec": ("exporters", "format"),
         "RewardSpec": ("reward_functions", "name"),
+        "LoggerSpec": ("loggers", "name"),
+        "RegistrySection": ("registry_backends", "backend"),
         "ObjectiveSection": ("objectives", "name"),
     }
     for def_name, (area, key) in sections.items():

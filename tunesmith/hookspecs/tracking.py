@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 from tunesmith._markers import hookspec
 
@@ -46,36 +46,97 @@ def register_registry_backends(register: Callable[..., None]) -> None:
 
 @runtime_checkable
 class LoggerRun(Protocol):
-    """One open logger for one run (what :meth:`Logger.open` returns)."""
+    """One open logger for one run (what :meth:`Logger.open` returns).
+
+    Core calls these on rank 0 only, through :class:`tunesmith.core.tracking.LoggerSet`;
+    an exception in one of them is reported once and that logger is switched off
+    for the rest of the run (training goes on).
+    """
 
     def log_params(self, params: dict) -> None:
-        """The resolved config, flattened (``training.learning_rate``: 2e-4, ...)."""
+        """The resolved config, flattened (``training.learning_rate``: 2e-4, ...);
+        values are numbers, strings, booleans or None (lists as JSON text)."""
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        """Numeric values logged at ``step`` (train and eval rows, RL curves)."""
+        """The values of one logged row at ``step`` (train and eval rows, RL
+        curves): numbers, plus ``epoch``; non-numeric values may be present and
+        are skipped by loggers that store numbers only."""
 
     def log_artifact(self, path: Any, kind: str) -> None:
         """A file or folder of the run: ``kind`` is ``config``, ``data_report``,
         ``eval_report``, ``plot``, ``adapter`` or ``model``."""
 
     def close(self, status: str, result: dict | None) -> None:
-        """The run ended: ``status`` is ``finished`` or ``failed``."""
+        """The run ended: ``status`` is ``finished`` or ``failed``; ``result`` is the
+        training result (or the pipeline summary), None when it failed."""
 
 
 @runtime_checkable
 class Logger(Protocol):
+    """An experiment logger, selected by ``training.report_to``."""
+
     name: str
     description: str
 
-    def open(self, run: Any, options: Any) -> LoggerRun:
-        """Start (or, on resume, reopen) logging for ``run`` (a RunContext)."""
+    #: opened for every run even when ``report_to`` does not list it (``jsonl``:
+    #: metrics.jsonl is the run directory's own record, read by the summary and sweeps)
+    always_on: bool = False
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("always_on",)
+
+    def open(self, run: Any, options: Any, resume: bool) -> LoggerRun:
+        """Start logging for ``run`` (a :class:`~tunesmith.core.context.RunContext`:
+        config, run_dir); ``resume`` is True when the run continues from a
+        checkpoint or a later pipeline stage: reopen what the earlier process
+        started (the same MLflow run, the same W&B run id) instead of a new one."""
+
+
+@runtime_checkable
+class RegistryStore(Protocol):
+    """An open model registry (what :meth:`RegistryBackend.open` returns).
+
+    Versions are dicts: ``version``, ``stage``, ``created_at``, ``artifacts``
+    (kind -> absolute path), ``metrics``, ``config_hash``, ``base_model``,
+    ``metadata``, ``history``. :class:`tunesmith.model_registry.state.RegistryStore`
+    implements all of it on three storage primitives; subclass it.
+    """
+
+    #: where the store is, for messages (a folder, a tracking URI and model name)
+    location: str
+
+    def load(self) -> dict:
+        """The whole state: ``versions``, ``production``, ``canary``, ``staging``,
+        ``shares``, ``production_history``, ``events``."""
+
+    def versions(self, *, stage: str | None = None) -> list[dict]: ...
+
+    def get(self, version: str) -> dict: ...
+
+    def production(self) -> dict | None: ...
+
+    def current_path(self, kind: str | None = None) -> Any: ...
+
+    def traffic(self) -> dict[str, float]: ...
+
+    def route(self, request_id: str) -> str | None: ...
+
+    def register(self, artifacts: Any, *, version: str | None = None, metrics: dict | None = None,
+                 config_hash: str | None = None, base_model: str | None = None, metadata: dict | None = None,
+                 stage: str = "registered") -> dict: ...
+
+    def promote(self, version: str, stage: str, *, share: float | None = None, reason: str | None = None) -> dict: ...
+
+    def rollback(self, *, to: str | None = None, reason: str | None = None) -> dict: ...
 
 
 @runtime_checkable
 class RegistryBackend(Protocol):
+    """A model-registry back-end, selected by ``registry.backend``."""
+
     name: str
     description: str
 
-    def open(self, options: Any, base_dir: Any) -> Any:
-        """A store object with ``register``, ``list``, ``show``, ``promote``,
-        ``rollback`` and ``production_path`` (see docs/registry.md)."""
+    def open(self, location: Any, options: Any) -> RegistryStore:
+        """The registry at ``location`` (a :class:`~pathlib.Path`: ``registry.path``
+        plus ``registry.name``, or ``tunesmith registry -r DIR``) with the back-end's
+        validated ``options``; opening is cheap, the store is reached on first use."""

@@ -1,0 +1,1 @@
+"""Built-in experiment loggers (``training.report_to``): jsonl, tensorboard, mlflow, wandb."""

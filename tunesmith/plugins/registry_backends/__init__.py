@@ -1,0 +1,1 @@
+"""Built-in model-registry back-ends (``registry.backend``): local versions.json, MLflow Model Registry."""
