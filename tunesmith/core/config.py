@@ -290,6 +290,12 @@ def nested_sections(path: str, options: Any) -> list[tuple[str, PluginSection]]:
 class Config(Strict):
     name: str | None = None
     model: ModelSection = Field(default_factory=ModelSection)
+    chat_template: str | None = Field(
+        None,
+        description="How conversations become text: a built-in template (chatml, llama3, gemma, mistral, alpaca; "
+        "`tunesmith plugins` lists them) or a Jinja file (relative to the config file). Unset: the tokenizer's "
+        "own, or alpaca for a base model that ships none. Saved with every artefact (docs/models.md).",
+    )
     data: DataSection = Field(default_factory=DataSection)
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     peft: PeftSection = Field(default_factory=PeftSection)

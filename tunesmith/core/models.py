@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.core.errors import ConfigError, TunesmithError
+from tunesmith.core.registry import member
 
 log = logging.getLogger("tunesmith.models")
 
@@ -32,7 +33,8 @@ log = logging.getLogger("tunesmith.models")
 INFO_FILE = "tunesmith.json"
 
 #: tokens that are safe pads when a tokenizer's pad is missing or equals EOS, in order
-_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<empty_output>", "<unk>")
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<|endoftext|>", "<empty_output>",
+                   "<|reserved_special_token_0|>", "<unused0>", "<unk>")
 
 
 # --------------------------------------------------------------------------- resolving
@@ -101,9 +103,14 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     return None
 
 
-def setup_tokenizer(tokenizer: Any, *, padding_side: str = "right") -> Any:
+def setup_tokenizer(tokenizer: Any, *, padding_side: str = "right", default_template: bool = True,
+                    registries: Any = None) -> Any:
     """Make a tokenizer safe to train with; returns it (changed in place).
 
+    * a tokenizer with no chat template gets the default one for base models
+      (:data:`tunesmith.core.templates.DEFAULT_TEMPLATE`, which needs no new
+      token), so rendering never fails and training, evaluation and export agree;
+      ``default_template=False`` leaves it without;
     * EOS becomes the chat template's end-of-turn token when they differ, so
       generation stops where an assistant turn ends;
     * the pad token is kept distinct from EOS where the vocabulary has a spare
@@ -111,6 +118,10 @@ def setup_tokenizer(tokenizer: Any, *, padding_side: str = "right") -> Any:
       back to EOS, which is safe here because labels are masked explicitly;
     * ``padding_side`` is right for training (pass ``"left"`` for batched generation).
     """
+    if default_template and not getattr(tokenizer, "chat_template", None):
+        from tunesmith.core.templates import ensure_template
+
+        ensure_template(tokenizer, registries)
     eot = end_of_turn_token(tokenizer)
     if eot and eot != tokenizer.eos_token:
         tokenizer.eos_token = eot
@@ -156,7 +167,7 @@ def load_model_and_tokenizer(
     """
     section, _ = _split(model_section)
     path = resolve_model_dir(model_section, registries)
-    return load_from_dir(
+    model, tok = load_from_dir(
         path,
         dtype=dtype if dtype is not None else section.dtype,
         attn_implementation=getattr(section, "attn_implementation", None),
@@ -164,6 +175,12 @@ def load_model_and_tokenizer(
         padding_side=padding_side,
         device_map=device_map,
     )
+    if getattr(model_section, "chat_template", None):
+        # a whole Config naming a template: the base renders prompts as the run trains them
+        from tunesmith.core.templates import apply_chat_template
+
+        apply_chat_template(model_section, tok, model, registries, quiet=True)
+    return model, tok
 
 
 def load_from_dir(
@@ -190,8 +207,24 @@ def load_from_dir(
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    fit_embeddings(model, tok)
     sync_model_tokens(model, tok)
     return model, tok
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> bool:
+    """Resize the model's embeddings to the tokenizer when the tokenizer is longer
+    (a run that added template tokens); the added rows' trained values come from
+    the adapter (peft trainable tokens), so their initial values do not matter.
+    Returns whether it resized."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None and getattr(emb, "weight", None) is not None:
+        rows = emb.weight.shape[0]
+    if rows is not None and len(tokenizer) > int(rows):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        return True
+    return False
 
 
 def sync_model_tokens(model: Any, tokenizer: Any) -> None:
@@ -222,7 +255,7 @@ def trainable_report(model: Any) -> dict:
 
 def describe_trainable(model: Any, method: Any) -> str:
     r = trainable_report(model)
-    merge = "can be merged into the base weights" if getattr(method, "mergeable", False) else "cannot be merged (kept as a separate module)"
+    merge = "can be merged into the base weights" if member(method, "peft_methods", "mergeable") else "cannot be merged (kept as a separate module)"
     return (
         f"{getattr(method, 'name', 'peft')}: {r['trainable']:,} trainable of {r['total']:,} parameters "
         f"({r['share_pct']:.4f}%); {merge}"
@@ -272,7 +305,7 @@ def load_trained(
     options = opts_model.model_validate(peft_info.get("options") or {}) if opts_model is not None else None
     if dtype is None:
         dtype = info.get("dtype")
-    if getattr(method, "saves_full_model", False):
+    if member(method, "peft_methods", "saves_full_model"):
         model, tok = load_from_dir(final, dtype=dtype, padding_side=padding_side)
     else:
         base = Path(info.get("base_model_dir") or "")
@@ -284,12 +317,12 @@ def load_trained(
         quant = None
         if quantized is None:
             quantized = not merge
-        if quantized and hasattr(method, "quantization_config"):
+        if quantized and member(method, "peft_methods", "quantization_config") is not None:
             quant = method.quantization_config(options)
         model, tok = load_from_dir(base, dtype=dtype, padding_side=padding_side, tokenizer_path=final, quantization=quant)
         model = method.load(model, final, options)
         sync_model_tokens(model, tok)
-    if merge and getattr(method, "mergeable", False) and hasattr(method, "merge"):
+    if merge and member(method, "peft_methods", "mergeable") and member(method, "peft_methods", "merge") is not None:
         model = method.merge(model)
     model.eval()
     return model, tok, info

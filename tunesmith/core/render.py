@@ -27,7 +27,15 @@ def _template(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bo
 
 
 def _clean(messages: Sequence[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+    """role and content (and a user turn's ``input``, which the alpaca template renders
+    as its ``### Input:`` block); other keys never reach the template."""
+    out = []
+    for m in messages:
+        msg = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("input"):
+            msg["input"] = m["input"]
+        out.append(msg)
+    return out
 
 
 def render_chat(

@@ -52,6 +52,9 @@ class LoRA(PeftLibraryMethod):
             modules_to_save=options.modules_to_save,
             init_lora_weights=options.init_weights,
             use_dora=self.use_dora,
+            # rows of tokens the run's chat template added (core/templates.py): trained
+            # and saved with the adapter, so plain PeftModel.from_pretrained restores them
+            trainable_token_indices=_template_token_rows(context),
         )
 
     def apply(self, model: Any, options: LoRAOptions, context: Any) -> Any:
@@ -61,6 +64,12 @@ class LoRA(PeftLibraryMethod):
 
             use_fast_dropout(model)
         return model
+
+
+def _template_token_rows(context: Any) -> Any:
+    state = getattr(context, "state", None) or {}
+    record = state.get("chat_template") or getattr(state.get("session"), "chat_template", None) or {}
+    return record.get("trainable_token_indices") or None
 
 
 @hookimpl
