@@ -194,17 +194,17 @@ class TrainingSection(Strict):
     seed: int = 42
     num_workers: int = 0
     #: experiment loggers (plugins): names or {name: ..., options}; jsonl (metrics.jsonl) is always on
-    report_to: list[LoggerSpec] = Field(
-        default_factory=lambda: [LoggerSpec(name="tensorboard")],
+    report_to: list[LoggerSpec] | None = Field(
+        None,
         description="Experiment loggers: names (tensorboard, mlflow, wandb) or {name: mlflow, tracking_uri: ...}; "
-                    "[] or none for none. jsonl (metrics.jsonl) is always on.",
+                    "unset: the loggers on by default (tensorboard); [] or none: none. jsonl (metrics.jsonl) is always on.",
     )
 
     @field_validator("report_to", mode="before")
     @classmethod
     def _logger_names(cls, v: Any) -> Any:
-        if v is None:
-            return []
+        if v is None or v == "none":
+            return [] if v == "none" else None
         if isinstance(v, (str, dict)):
             v = [v]
         if isinstance(v, list):
@@ -336,9 +336,10 @@ class Config(Strict):
             out.append((f"evaluation.{i}", e))
         for i, x in enumerate(self.export):
             out.append((f"export.{i}", x))
-        for i, lg in enumerate(self.training.report_to):
+        for i, lg in enumerate(self.training.report_to or []):
             out.append((f"training.report_to.{i}", lg))
-        out.append(("registry", self.registry))
+        if "backend" in self.registry.model_fields_set or self.registry.plugin_fields():
+            out.append(("registry", self.registry))  # the default (local, no options) needs no check
         if nested:
             for path, section in list(out):
                 out.extend(nested_sections(path, section._options))

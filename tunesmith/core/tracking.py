@@ -116,12 +116,16 @@ def write_state(run_dir: str | Path, name: str, data: dict) -> Path:
 
 def selected_loggers(cfg: Any, registries: Any) -> list[tuple[str, Any, Any]]:
     """``[(name, logger plugin, validated options)]``: ``training.report_to`` in its
-    order, then every always-on logger it does not list."""
+    order (unset: the loggers ``enabled_by_default``), then every always-on logger it
+    does not list."""
     from tunesmith.core.registry import member
 
     out: list[tuple[str, Any, Any]] = []
     seen: set[str] = set()
-    for spec in list(getattr(cfg.training, "report_to", None) or []):
+    specs = getattr(cfg.training, "report_to", None)
+    if specs is None:
+        specs = [n for n, p in registries.loggers.items() if member(p, "loggers", "enabled_by_default")]
+    for spec in list(specs):
         name = spec if isinstance(spec, str) else spec.plugin_name
         plugin = registries.loggers.get(name)
         options = None if isinstance(spec, str) else spec._options

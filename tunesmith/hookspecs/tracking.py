@@ -82,7 +82,10 @@ class Logger(Protocol):
     #: metrics.jsonl is the run directory's own record, read by the summary and sweeps)
     always_on: bool = False
 
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("always_on",)
+    #: opened when the config does not set ``report_to`` at all (``tensorboard``)
+    enabled_by_default: bool = False
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("always_on", "enabled_by_default")
 
     def open(self, run: Any, options: Any, resume: bool) -> LoggerRun:
         """Start logging for ``run`` (a :class:`~tunesmith.core.context.RunContext`:

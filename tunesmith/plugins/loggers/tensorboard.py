@@ -88,6 +88,7 @@ class TensorBoardRun:
 class TensorBoardLogger:
     name = "tensorboard"
     description = "TensorBoard event files in RUN/tensorboard (scalars; config and reports as text; plots as images)"
+    enabled_by_default = True  # what a config without report_to gets
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
