@@ -166,6 +166,7 @@ class TrainingSession:
         self.model: Any = None
         self.tokenizer: Any = None
         self.chat_template: dict = {}
+        self.loggers: Any = None
         self.t0 = time.time()
 
     @property
@@ -211,7 +212,20 @@ class TrainingSession:
         ctx.state["objective"] = self.name
         ctx.state["session"] = self
         self.context = ctx
+        from tunesmith.core.tracking import open_loggers
+
+        self.loggers = open_loggers(self.cfg, self.registries, ctx)  # training.report_to, rank 0
         return ctx
+
+    def log_row(self, row: dict) -> None:
+        """One logged row (train or eval values, an RL step), rank 0: to the loggers
+        (metrics.jsonl, TensorBoard, MLflow, ...) and the ``after_log`` hooks."""
+        if not self.is_main:
+            return
+        step = int(row.get("step") or 0)
+        if self.loggers is not None:
+            self.loggers.log_metrics({k: v for k, v in row.items() if k not in ("step", "time_s")}, step)
+        self.context.emit("after_log", step=step, logs=dict(row))
 
     # ------------------------------------------------------------------ model
     def prepare_model(self, *, head: str = "causal_lm") -> tuple[Any, Any]:
@@ -344,10 +358,12 @@ class TrainingSession:
         return out, time.time() - t0
 
     def fail(self, error: BaseException) -> None:
-        """Report a failure to the ``on_train_error`` hooks (once per run)."""
+        """Report a failure to the ``on_train_error`` hooks and the loggers (once per run)."""
         if self.context is not None and not self.context.state.get("error_reported"):
             self.context.state["error_reported"] = True
             self.context.emit("on_train_error", error=error)
+            if self.loggers is not None:
+                self.loggers.close("failed", None)
 
     def run_trainer(self, *, args: Any, train_ds: Any, eval_ds: Any, collator: Any,
                     losses: list[tuple[str, Any, Any, float]] | None = None) -> tuple[Any, Any, float]:
@@ -428,6 +444,12 @@ class TrainingSession:
         if self.is_main:
             atomic_write_json(self.run.root / "train_result.json", result)
         self.context.emit("after_train", result=result)
+        if self.loggers is not None:
+            for png in sorted(self.run.plots_dir.glob("*.png")) if self.run.plots_dir.exists() else []:
+                self.loggers.log_artifact(png, "plot")
+            full = self.method is not None and member(self.method, "peft_methods", "saves_full_model")
+            self.loggers.log_artifact(self.run.final_dir, "model" if full else "adapter")
+            self.loggers.close("finished", result)
         self.say(self.summary(result))
         return result
 

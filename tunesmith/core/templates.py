@@ -14,8 +14,8 @@ applied. It
    ``tokenizer.chat_template``);
 3. adds the special tokens the template writes that the vocabulary lacks, resizes
    the embeddings (new rows start at the mean of the old ones) and lists the rows
-   to train: the added tokens and template tokens whose rows look untrained
-   (Llama-3 base models ship ``<|eot_id|>`` near zero);
+   to train: the added tokens (existing template tokens whose rows look untrained,
+   as Llama-3 base models ship ``<|eot_id|>``, are reported, not retrained);
 4. makes the end-of-turn token the EOS and keeps the pad distinct from EOS where
    the vocabulary has a spare token (:func:`tunesmith.core.models.setup_tokenizer`).
 
@@ -315,8 +315,16 @@ def apply_chat_template(cfg: Any, tokenizer: Any, model: Any, registries: Any = 
     added_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in missing]
     # ids inside the old vocabulary size but beyond the trained rows (padded vocabularies)
     known = [int(tokenizer.convert_tokens_to_ids(t)) for t in wanted if t not in missing]
+    # Only rows the template added are trained as extra tokens: training existing rows
+    # would change every run on a model whose template tokens exist (and TRL's
+    # trainers do not take peft's trainable-token wrappers). Existing rows that look
+    # untrained (Llama-3 base models ship <|eot_id|> near zero) are reported.
     untrained = _rows_untrained(model, known)
-    train_ids = sorted(set(added_ids) | set(untrained))
+    if untrained:
+        log.warning("template token(s) %s have near-zero embedding rows (untrained in the base model); "
+                    "LoRA does not train them - consider peft.modules_to_save: [embed_tokens, lm_head]",
+                    ", ".join(tokenizer.convert_ids_to_tokens(i) for i in untrained))
+    train_ids = sorted(set(added_ids))
     sync_model_tokens(model, tokenizer)
     record: dict[str, Any] = {
         "name": choice.name,

@@ -557,11 +557,11 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Metrics(TrainerCallback):
-        """metrics.jsonl (rewritten atomically), TensorBoard scalars, loss.png."""
+        """Every logged row to the session's loggers (metrics.jsonl, TensorBoard, MLflow,
+        ... - ``training.report_to``) and the ``after_log`` hooks; loss.png."""
 
         def __init__(self) -> None:
             self.rows: list[dict] = []
-            self.tb = None
             self.t0 = time.time()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -575,13 +575,6 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
                         continue
                     if row.get("step", 0) <= state.global_step:
                         self.rows.append(row)
-            if "tensorboard" in [getattr(x, "name", x) for x in (cfg.training.report_to or [])]:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.tb = SummaryWriter(log_dir=str(run.tensorboard_dir))
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("TensorBoard disabled: %s", exc)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs:
@@ -589,13 +582,12 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
             row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time_s": round(time.time() - self.t0, 2)}
             row.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
             self.rows.append(row)
-            atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
-            context.emit("after_log", step=state.global_step, logs=dict(row))
-            if self.tb is not None:
-                for k, v in logs.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        self.tb.add_scalar(k if "/" in k else (f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"), v, state.global_step)
-                self.tb.flush()
+            session = context.state.get("session")
+            if session is not None:
+                session.log_row(row)
+            else:  # a Trainer built outside a training session
+                atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+                context.emit("after_log", step=state.global_step, logs=dict(row))
             if "eval_loss" in logs:
                 plot_loss(self.rows, run.plots_dir / "loss.png")
 
@@ -603,8 +595,6 @@ def standard_callbacks(cfg: Any, run: RunDir, context: RunContext, *, has_eval: 
             if not state.is_world_process_zero:
                 return
             plot_loss(self.rows, run.plots_dir / "loss.png")
-            if self.tb is not None:
-                self.tb.close()
 
     class Progress(TrainerCallback):
         """A tqdm bar: loss, real tokens/s and ETA."""

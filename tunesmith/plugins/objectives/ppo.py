@@ -25,7 +25,7 @@ from pydantic import Field
 from tunesmith import hookimpl
 from tunesmith.core import state_io
 from tunesmith.core.errors import TunesmithError
-from tunesmith.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from tunesmith.core.io import atomic_dir, atomic_write_json
 from tunesmith.core.rewards import PolicyOptions
 
 log = logging.getLogger("tunesmith.ppo")
@@ -192,14 +192,6 @@ def train_ppo(session: Any, rl: "PPOOptions") -> dict:
         if run.metrics_path.exists():
             metrics = [json.loads(x) for x in run.metrics_path.read_text(encoding="utf-8").splitlines() if x.strip()]
             metrics = [m for m in metrics if m.get("step", 0) <= start]
-    tb = None
-    if "tensorboard" in [getattr(x, "name", x) for x in (t.report_to or [])] and session.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(log_dir=str(run.tensorboard_dir))
-        except Exception as exc:  # noqa: BLE001
-            log.warning("TensorBoard disabled: %s", exc)
     eos_ids = {tok.eos_token_id} | ({model.generation_config.eos_token_id} if isinstance(getattr(model.generation_config, "eos_token_id", None), int) else set(getattr(model.generation_config, "eos_token_id", None) or []))
     eos_ids.discard(None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -319,19 +311,12 @@ def train_ppo(session: Any, rl: "PPOOptions") -> dict:
                 row[f"rewards/{key}/mean"] = sum(vals) / len(vals)
             kl_ctl.update(seq_kl, rl.batch_size)
             metrics.append(row)
+            session.log_row(row)  # metrics.jsonl, TensorBoard, ... and after_log
             if session.is_main:
-                atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in metrics))
                 plot_rl(metrics, run.plots_dir / "rl.png")
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
-                tb.flush()
             if bar is not None:
                 bar.set_postfix({"reward": f"{row['reward']:.3f}", "kl": f"{seq_kl:.3f}"}, refresh=False)
                 bar.update(1)
-            if session.is_main:
-                context.emit("after_log", step=step, logs=dict(row))
             results = context.emit("after_step", step=step, logs=dict(row))
             if any(r is True for r in results):
                 context.stop_reason = context.stop_reason or "a plugin's after_step asked to stop"
@@ -348,8 +333,6 @@ def train_ppo(session: Any, rl: "PPOOptions") -> dict:
     finally:
         if bar is not None:
             bar.close()
-        if tb is not None:
-            tb.close()
     runtime = time.time() - t0
     fields: dict[str, Any] = {
         "steps": step,
