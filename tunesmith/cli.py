@@ -37,9 +37,10 @@ BUILTIN_COMMANDS: dict[str, tuple[str, str]] = {
 class State:
     """Options of the root command, shared with every sub-command."""
 
-    def __init__(self, strict: bool = False, disable: tuple[str, ...] = ()) -> None:
+    def __init__(self, strict: bool = False, disable: tuple[str, ...] = (), verbose: bool = False) -> None:
         self.strict = strict
         self.disable = disable
+        self.verbose = verbose
 
     def registries(self, extra_disable: tuple[str, ...] | list[str] = ()) -> Any:
         from tunesmith.core.plugins import get_registries
@@ -117,14 +118,143 @@ class TunesmithGroup(click.Group):
     metavar="ENTRY_POINT",
     help="Disable a plugin by its entry-point name (repeatable), e.g. --disable cleaner.pii.",
 )
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show the libraries' own warnings and logs (by default they go to the run's logs/tunesmith.log only).")
 @click.pass_context
-def cli(ctx: click.Context, strict: bool, disable: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, strict: bool, disable: tuple[str, ...], verbose: bool) -> None:
     """tunesmith: fine-tune language models with plugins.
 
     Every technique (PEFT method, data format, cleaner, loss, evaluator,
     exporter, model source) is a plugin; `tunesmith plugins` lists them.
     """
-    ctx.obj = State(strict=strict, disable=disable)
+    ctx.obj = State(strict=strict, disable=disable, verbose=verbose)
+    if verbose:
+        os.environ["TUNESMITH_VERBOSE"] = "1"
+        quiet_libraries(verbose=True)
+
+
+# --------------------------------------------------------------------------- library noise
+#: loggers whose records reach the terminal by default (the rest go to the run's log file)
+_OWN_LOGGERS = ("tunesmith",)
+_RUN_LOG = "logs/tunesmith.log"
+
+
+class _TerminalFilter:
+    """What the terminal shows: tunesmith's own warnings and errors, anyone's errors,
+    on rank 0 only; everything with --verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+
+    def filter(self, record: Any) -> bool:
+        import logging
+
+        if self.verbose:
+            return True
+        if int(os.environ.get("RANK", "0")) != 0:
+            return record.levelno >= logging.ERROR and record.name.startswith(_OWN_LOGGERS)
+        if record.name.startswith(_OWN_LOGGERS):
+            return record.levelno >= logging.WARNING
+        return record.levelno >= logging.ERROR and record.name != "py.warnings"
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Route library noise (bitsandbytes' kernel notices, transformers' and peft's
+    FutureWarnings and advisories, torch's UserWarnings) away from the terminal:
+    Python warnings become log records, every log record is kept in memory until a
+    run directory is known (:func:`attach_run_log` writes them to RUN/logs/tunesmith.log),
+    and the terminal shows only what :class:`_TerminalFilter` lets through."""
+    import logging
+    import logging.handlers
+
+    root = logging.getLogger()
+    if getattr(root, "_tunesmith_quiet", None) is not None:
+        for h in root.handlers:
+            for f in h.filters:
+                if isinstance(f, _TerminalFilter):
+                    f.verbose = verbose
+        return
+    logging.captureWarnings(True)
+    import warnings
+
+    warnings.simplefilter("default")  # each distinct warning once, into the log
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    terminal.addFilter(_TerminalFilter(verbose))
+    memory = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    memory.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(terminal)
+    root.addHandler(memory)
+    root.setLevel(logging.INFO)
+    root._tunesmith_quiet = memory  # type: ignore[attr-defined]
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "torch", "httpx", "urllib3",
+                 "llama-cpp-python"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers logs through its own stderr handler: once it is imported (never
+    # here: --help stays light), send its records through the root logger instead
+    if "transformers.utils.logging" in sys.modules:
+        _route_transformers(sys.modules["transformers.utils.logging"])
+    else:
+        sys.meta_path.insert(0, _AfterImport("transformers.utils.logging", _route_transformers))
+
+
+def _route_transformers(hf_logging: Any) -> None:
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
+class _AfterImport:
+    """A meta-path finder that runs ``callback(module)`` right after ``name`` is imported."""
+
+    def __init__(self, name: str, callback: Any) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, callback = spec.loader, self.callback
+        original = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            original(module)
+            try:
+                callback(module)
+            except Exception:  # noqa: BLE001 - routing logs must never break an import
+                pass
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def attach_run_log(run_dir: Any) -> Any:
+    """Write every log record (the buffered ones first) to ``run_dir/logs/tunesmith.log``; returns the path."""
+    import logging
+    from pathlib import Path
+
+    root = logging.getLogger()
+    memory = getattr(root, "_tunesmith_quiet", None)
+    if memory is None:
+        return None
+    path = Path(run_dir) / _RUN_LOG
+    if int(os.environ.get("RANK", "0")) != 0:
+        path = path.with_name(f"tunesmith-rank{os.environ['RANK']}.log")
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+            return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(memory.formatter)
+    for record in memory.buffer:
+        fh.handle(record)
+    root.addHandler(fh)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     # busy neighbours); sleeping waiters cost little on an idle machine. Must be
     # set before torch is imported; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = os.environ.get("TUNESMITH_VERBOSE") == "1" or "--verbose" in args or (bool(args) and args[0] == "-v")
+    quiet_libraries(verbose=verbose)
 
     try:
         cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)

@@ -28,7 +28,7 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 128}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False, "pad_token_id": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False}),
 }
 
 
@@ -74,7 +74,8 @@ def build(arch: str, out: Path, *, tok_dir: Path | None = None, seed: int = 0, c
     if not chat_template:
         tok.chat_template = None
     kwargs = {**COMMON, **extra}
-    kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    # no padding_idx: a pretrained model's pad row is not zero (a zero row reads as an untrained token)
+    kwargs["pad_token_id"] = None
     config = getattr(transformers, cfg_cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                             eos_token_id=tok.eos_token_id, **kwargs)
     torch.manual_seed(seed)

@@ -78,8 +78,14 @@ def run_cmd(config: str, run_dir: str | None, no_base: bool, output: str | None,
     from tunesmith.cli import get_state
     from tunesmith.core.evaluation import evaluate_run
 
+    from tunesmith.cli import attach_run_log
+    from tunesmith.commands.train import preflight
+    from tunesmith.core.rundir import RunDir
+
     cfg = load_cli_config(config, overrides)
     regs = get_state().registries(tuple(cfg.plugins.disable))
+    preflight(cfg, regs, "eval", run_dir=run_dir)  # data and paths before any model loads
+    attach_run_log(Path(run_dir) if run_dir else RunDir.for_config(cfg).root)
     report = evaluate_run(cfg, regs, Path(run_dir) if run_dir else None, compare_base=not no_base, out_dir=output)
     if as_json:
         echo_json(_brief(report))

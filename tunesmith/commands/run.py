@@ -38,6 +38,14 @@ def command(config: str, from_stage: str | None, until: str | None, resume: bool
     from tunesmith.cli import get_state
 
     regs = get_state().registries(tuple(cfg.plugins.disable))
+    from tunesmith.cli import attach_run_log
+    from tunesmith.commands.train import preflight
+    from tunesmith.core.rundir import RunDir
+
+    start = stage_name(from_stage) if from_stage else "data"
+    # data and paths before any model loads (a run that starts later reuses its prepared data)
+    preflight(cfg, regs, {"data": "run", "train": "train", "evaluate": "eval"}.get(start, "export"))
+    attach_run_log(RunDir.for_config(cfg).root)
     console = _console(as_json)
 
     def on_stage(stage: str, event: str, info: dict) -> None:
