@@ -200,3 +200,77 @@ def test_silent_drop_is_an_error(tunesmith_plugin):
     regs2 = tunesmith.registry()
     with pytest.raises(TunesmithError, match="nothing may be dropped silently"):
         clean_records([{"text": f"t{i}", "metadata": {}} for i in range(4)], ["dropper"], registries=regs2)
+
+
+# --------------------------------------------------------------------------- PII: every kind in every position
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _luhn_complete(digits: str) -> str:
+    from tunesmith.plugins.cleaners.pii import luhn_ok
+
+    return next(digits + str(d) for d in range(10) if luhn_ok(digits + str(d)))
+
+
+_alnum = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8)
+_emails = st.builds(
+    lambda a, seps, b, dom, tld: a + "".join(s + p for s, p in zip(seps, b)) + "@" + ".".join(dom) + "." + tld,
+    _alnum, st.lists(st.sampled_from("._+-"), max_size=2), st.lists(_alnum, min_size=2, max_size=2),
+    st.lists(_alnum, min_size=1, max_size=2), st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=4),
+)
+_d = lambda n: st.text(alphabet="0123456789", min_size=n, max_size=n)  # noqa: E731
+_phones = st.builds(
+    lambda fmt, a, b, c: fmt.format(a=a, b=b, c=c),
+    st.sampled_from(["({a}) {b}-{c}", "{a}-{b}-{c}", "{a}.{b}.{c}", "+1 {a} {b} {c}", "{a} {b} {c}", "+1-{a}-{b}-{c}",
+                     "1 ({a}) {b}-{c}"]),
+    st.integers(200, 999).map(str), _d(3), _d(4),
+)
+_ssns = st.builds(
+    lambda a, sep, g, s: f"{a:03d}{sep}{g:02d}{sep}{s:04d}",
+    st.integers(1, 899).filter(lambda a: a != 666), st.sampled_from("- "), st.integers(1, 99), st.integers(1, 9999),
+)
+_cards = st.builds(
+    lambda body, sep: sep.join(_luhn_complete("4" + body)[i:i + 4] for i in range(0, 16, 4)),
+    _d(14), st.sampled_from(["", " ", "-"]),
+)
+_ipv4 = st.lists(st.integers(0, 255), min_size=4, max_size=4).map(lambda o: ".".join(map(str, o)))
+_ipv6 = st.builds(lambda n, full: (lambda a: a.exploded if full else a.compressed)(__import__("ipaddress").IPv6Address(n)),
+                  st.integers(1, 2**128 - 1), st.booleans())
+PII_KINDS = {"EMAIL": _emails, "PHONE": _phones, "SSN": _ssns, "CREDIT_CARD": _cards, "IP_ADDRESS": st.one_of(_ipv4, _ipv6)}
+#: every position class: sentence end, brackets, quotes, line start and end, next to other punctuation
+PII_PLACES = [
+    "{x}", "questions go to {x}.", "write to {x}!", "is it {x}?", "ask {x}, then wait", "see {x}; done",
+    "reach: {x}", "({x})", "[{x}]", "{{{x}}}", "<{x}>", '"{x}"', "'{x}'", "“{x}”", "({x}).", '"{x}".', "as in ({x}),",
+    "{x}\nnext line", "first line\n{x}", "line one\n{x}\nline three", "{x}...", "wait...{x}", "- {x}", "* {x}\n",
+    "{x} is it", "so {x}. Then more.", "({x}); and", "x = {x}",
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(PII_KINDS)), data=st.data(), place=st.sampled_from(PII_PLACES))
+def test_pii_nothing_survives_in_any_position(kind, data, place):
+    from tunesmith.plugins.cleaners.pii import Options, Scrubber
+
+    value = data.draw(PII_KINDS[kind], label="value")
+    counts: dict = {}
+    out = Scrubber(Options()).scrub(place.format(x=value), counts)
+    assert out == place.format(x=f"[{kind}]"), (value, out)
+    assert counts == {kind: 1}
+
+
+@pytest.mark.parametrize("kind", sorted(PII_KINDS))
+@pytest.mark.parametrize("place", PII_PLACES)
+def test_pii_every_kind_in_every_position(kind, place):
+    """The deterministic half of the property above: one fixed value per kind, every place."""
+    from tunesmith.plugins.cleaners.pii import Options, Scrubber
+
+    value = {"EMAIL": "jane.doe@example.org", "PHONE": "(555) 123-4567", "SSN": "123-45-6789",
+             "CREDIT_CARD": "4111 1111 1111 1111", "IP_ADDRESS": "10.1.2.3"}[kind]
+    out = Scrubber(Options()).scrub(place.format(x=value), {})
+    assert out == place.format(x=f"[{kind}]")
+
+
+def test_pii_ipv4_before_sentence_punctuation(regs):
+    res = run(regs, "pii", [{"text": "questions go to 10.1.2.3. Thanks", "metadata": {}}])
+    assert res.records[0]["text"] == "questions go to [IP_ADDRESS]. Thanks"

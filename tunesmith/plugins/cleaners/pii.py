@@ -17,16 +17,24 @@ from tunesmith import hookimpl
 from tunesmith.core.data import map_texts
 from tunesmith.core.data_clean import Verdict
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# The boundaries below are "not inside a longer token" (a word character, or a digit
+# and its separator), never "not next to punctuation": PII is scrubbed at a sentence
+# end, in brackets and quotes, after an ellipsis (tests/data/test_cleaners.py places
+# every kind in every such position).
+EMAIL = re.compile(
+    r"(?<![\w%+-])(?<!\w\.)[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"  # no empty dot-separated part
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+)
 # US SSN 3-2-4 with dashes or spaces; 000/666/9xx area numbers are never issued
-SSN = re.compile(r"(?<![\w-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\w-])")
+SSN = re.compile(r"(?<!\w)(?<!\d-)(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?!\w|-\d)")
 # 13-19 digits, optionally grouped by single spaces or dashes; Luhn decides
-CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+CARD = re.compile(r"(?<!\w)(?<!\d-)\d(?:[ -]?\d){12,18}(?!\w|-\d)")
 # US/NANP numbers: optional +1, optional parentheses around the area code, 3-3-4
 PHONE = re.compile(
     r"(?<![\w+])(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w)"
 )
-IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)")
+# a trailing "." is sentence punctuation ("questions go to 10.1.2.3."); ".5" would be a fifth part
+IPV4 = re.compile(r"(?<!\w)(?<!\d\.)(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)")
 # candidate IPv6 runs; ipaddress validates them
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
 

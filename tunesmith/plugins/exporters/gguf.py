@@ -472,6 +472,13 @@ def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str) -> None:
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if ftype is None:
         raise TunesmithError(f"this llama-cpp-python has no quantisation type {qtype.upper()}")
+    import logging
+    import os
+
+    if os.environ.get("TUNESMITH_VERBOSE") != "1":  # llama.cpp logs every tensor: keep it off the terminal
+        lg = logging.getLogger("llama-cpp-python")
+        if lg.level == logging.NOTSET:
+            lg.setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 0
