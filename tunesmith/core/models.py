@@ -26,6 +26,7 @@ from typing import Any
 
 from tunesmith.core.errors import ConfigError, TunesmithError
 from tunesmith.core.registry import member
+from tunesmith.core.templates import end_of_turn_token, setup_tokenizer, sync_model_tokens  # noqa: F401 - re-exported
 
 log = logging.getLogger("tunesmith.models")
 
@@ -33,8 +34,6 @@ log = logging.getLogger("tunesmith.models")
 INFO_FILE = "tunesmith.json"
 
 #: tokens that are safe pads when a tokenizer's pad is missing or equals EOS, in order
-_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<|endoftext|>", "<empty_output>",
-                   "<|reserved_special_token_0|>", "<unused0>", "<unk>")
 
 
 # --------------------------------------------------------------------------- resolving
@@ -83,62 +82,6 @@ def resolve_model_dir(model_section: Any, registries: Any = None, *, base_dir: P
     return path
 
 
-# --------------------------------------------------------------------------- tokenizer
-def end_of_turn_token(tokenizer: Any) -> str | None:
-    """The token the chat template puts after an assistant message (``<|im_end|>``,
-    ``<|eot_id|>``, ``</s>``, ...), or None when the template puts none."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "QQQZ"}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # noqa: BLE001 - odd templates
-        return None
-    tail = text.split("QQQZ", 1)[-1]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {}), key=len, reverse=True)
-    tail = tail.lstrip()
-    for tok in specials:
-        if tok and tail.startswith(tok):
-            return tok
-    return None
-
-
-def setup_tokenizer(tokenizer: Any, *, padding_side: str = "right", default_template: bool = True,
-                    registries: Any = None) -> Any:
-    """Make a tokenizer safe to train with; returns it (changed in place).
-
-    * a tokenizer with no chat template gets the default one for base models
-      (:data:`tunesmith.core.templates.DEFAULT_TEMPLATE`, which needs no new
-      token), so rendering never fails and training, evaluation and export agree;
-      ``default_template=False`` leaves it without;
-    * EOS becomes the chat template's end-of-turn token when they differ, so
-      generation stops where an assistant turn ends;
-    * the pad token is kept distinct from EOS where the vocabulary has a spare
-      special token (so no collator can mask EOS as padding); without one it falls
-      back to EOS, which is safe here because labels are masked explicitly;
-    * ``padding_side`` is right for training (pass ``"left"`` for batched generation).
-    """
-    if default_template and not getattr(tokenizer, "chat_template", None):
-        from tunesmith.core.templates import ensure_template
-
-        ensure_template(tokenizer, registries)
-    eot = end_of_turn_token(tokenizer)
-    if eot and eot != tokenizer.eos_token:
-        tokenizer.eos_token = eot
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        vocab = tokenizer.get_vocab()
-        for cand in _PAD_CANDIDATES:
-            if cand in vocab and cand != tokenizer.eos_token:
-                tokenizer.pad_token = cand
-                break
-        else:
-            if tokenizer.eos_token is not None:
-                tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
-
-
-# --------------------------------------------------------------------------- models
 def pick_dtype(name: str | None) -> Any:
     """torch dtype for ``auto|float32|bfloat16|float16``; auto is bf16 on a GPU that has it, else fp32."""
     import torch
@@ -225,19 +168,6 @@ def fit_embeddings(model: Any, tokenizer: Any) -> bool:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         return True
     return False
-
-
-def sync_model_tokens(model: Any, tokenizer: Any) -> None:
-    """Make the model's config and generation config agree with the tokenizer's pad/EOS."""
-    model.config.pad_token_id = tokenizer.pad_token_id
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.pad_token_id = tokenizer.pad_token_id
-        eos = gen.eos_token_id
-        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_list:
-            eos_list.insert(0, tokenizer.eos_token_id)
-        gen.eos_token_id = eos_list[0] if len(eos_list) == 1 else eos_list
 
 
 def trainable_report(model: Any) -> dict:

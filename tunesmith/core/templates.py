@@ -270,7 +270,6 @@ def apply_chat_template(cfg: Any, tokenizer: Any, model: Any, registries: Any = 
     embeddings, pad/EOS ids in its configs) in place; returns the record described
     in the module docstring.
     """
-    from tunesmith.core.models import setup_tokenizer, sync_model_tokens
 
     regs = _registries(registries)
     choice = choose(cfg, tokenizer, regs)
@@ -301,7 +300,6 @@ def apply_chat_template(cfg: Any, tokenizer: Any, model: Any, registries: Any = 
     if declared_eot:
         tokenizer.eos_token = declared_eot
     setup_tokenizer(tokenizer, padding_side=getattr(tokenizer, "padding_side", "right") or "right")
-    from tunesmith.core.models import end_of_turn_token
 
     eot = end_of_turn_token(tokenizer) or tokenizer.eos_token
 
@@ -364,7 +362,6 @@ def _has_kw(fn: Any, name: str) -> bool:
 def stop_tokens(tokenizer: Any, registries: Any = None) -> list[str]:
     """Stop strings for a server of this tokenizer's template: the end-of-turn token,
     EOS and the built-in template's own ``stop`` (when the template is a built-in)."""
-    from tunesmith.core.models import end_of_turn_token
 
     out: list[str] = []
     for t in (end_of_turn_token(tokenizer), tokenizer.eos_token):
@@ -379,3 +376,74 @@ def stop_tokens(tokenizer: Any, registries: Any = None) -> list[str]:
             if t not in out:
                 out.append(t)
     return out
+
+
+# --------------------------------------------------------------------------- tokenizer fitting
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<|endoftext|>", "<empty_output>",
+                   "<|reserved_special_token_0|>", "<unused0>", "<unk>")
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The token the chat template puts after an assistant message (``<|im_end|>``,
+    ``<|eot_id|>``, ``</s>``, ...), or None when the template puts none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "QQQZ"}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # noqa: BLE001 - odd templates
+        return None
+    tail = text.split("QQQZ", 1)[-1]
+    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {}), key=len, reverse=True)
+    tail = tail.lstrip()
+    for tok in specials:
+        if tok and tail.startswith(tok):
+            return tok
+    return None
+
+
+def setup_tokenizer(tokenizer: Any, *, padding_side: str = "right", default_template: bool = True,
+                    registries: Any = None) -> Any:
+    """Make a tokenizer safe to train with; returns it (changed in place).
+
+    * a tokenizer with no chat template gets the default one for base models
+      (:data:`tunesmith.core.templates.DEFAULT_TEMPLATE`, which needs no new
+      token), so rendering never fails and training, evaluation and export agree;
+      ``default_template=False`` leaves it without;
+    * EOS becomes the chat template's end-of-turn token when they differ, so
+      generation stops where an assistant turn ends;
+    * the pad token is kept distinct from EOS where the vocabulary has a spare
+      special token (so no collator can mask EOS as padding); without one it falls
+      back to EOS, which is safe here because labels are masked explicitly;
+    * ``padding_side`` is right for training (pass ``"left"`` for batched generation).
+    """
+    if default_template and not getattr(tokenizer, "chat_template", None):
+        ensure_template(tokenizer, registries)
+    eot = end_of_turn_token(tokenizer)
+    if eot and eot != tokenizer.eos_token:
+        tokenizer.eos_token = eot
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        vocab = tokenizer.get_vocab()
+        for cand in _PAD_CANDIDATES:
+            if cand in vocab and cand != tokenizer.eos_token:
+                tokenizer.pad_token = cand
+                break
+        else:
+            if tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- models
+def sync_model_tokens(model: Any, tokenizer: Any) -> None:
+    """Make the model's config and generation config agree with the tokenizer's pad/EOS."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        eos = gen.eos_token_id
+        eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_list:
+            eos_list.insert(0, tokenizer.eos_token_id)
+        gen.eos_token_id = eos_list[0] if len(eos_list) == 1 else eos_list
