@@ -620,7 +620,9 @@ def config_schema(registries: Any) -> dict:
     """JSON Schema of the whole config, each plugin section expanded with its plugins' options."""
     schema = Config.model_json_schema()
     defs = schema.setdefault("$defs", {})
+    # objectives first: their options bring nested sections (rewards) into $defs
     sections = {
+        "ObjectiveSection": ("objectives", "name"),
         "ModelSection": ("model_sources", "source"),
         "PeftSection": ("peft_methods", "method"),
         "CleanerSpec": ("cleaners", "name"),
@@ -630,7 +632,6 @@ def config_schema(registries: Any) -> dict:
         "RewardSpec": ("reward_functions", "name"),
         "LoggerSpec": ("loggers", "name"),
         "RegistrySection": ("registry_backends", "backend"),
-        "ObjectiveSection": ("objectives", "name"),
     }
     for def_name, (area, key) in sections.items():
         base = defs.get(def_name)
