@@ -282,7 +282,12 @@ def load_base(run: TrainedRun, *, dtype: Any = None, quantized: bool | None = No
     kwargs: dict[str, Any] = {"trust_remote_code": False, "dtype": dtype or torch.float32}
     if quantized:
         kwargs["quantization_config"] = run.bnb_config(registries)
-    return AutoModelForCausalLM.from_pretrained(str(run.base_model_dir(registries)), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(run.base_model_dir(registries)), **kwargs)
+    if run.adapter_config.get("trainable_token_indices"):  # the chat template added tokens: grow the base to them
+        from tunesmith.core.models import fit_embeddings
+
+        fit_embeddings(model, load_tokenizer(run, registries))
+    return model
 
 
 def load_adapter_model(run: TrainedRun, *, dtype: Any = None, registries: Any = None, base: Any = None) -> Any:
