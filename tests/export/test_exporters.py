@@ -189,3 +189,133 @@ def test_after_export_hook_and_default_output(lora_run: Path, tunesmith_plugin, 
     out = export_run(run, "adapter")
     assert out == run / "exports" / "adapter"
     assert seen == [("adapter", out)]
+
+
+# --------------------------------------------------------------------------- architectures, K-quants, hub ids
+def test_gguf_refuses_what_it_cannot_write_with_the_architecture_and_what_is_missing(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.core.paths import tokenizer_dir
+    from tunesmith.plugins.exporters.gguf import write_gguf
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(TunesmithError, match="architecture 'gpt2' .*not verified"):
+        write_gguf(gpt2, tok, tmp_path / "x.gguf")
+    yarn = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                             "original_max_position_embeddings": 256}))
+    with pytest.raises(TunesmithError, match="'llama': rope scaling 'yarn' is not written"):
+        write_gguf(yarn, tok, tmp_path / "y.gguf")
+
+    class Extra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    plain.model.layers[0].mystery = Extra()
+    with pytest.raises(TunesmithError, match=r"'llama' \(llama.cpp 'llama'\): the gguf package has no llama.cpp name for "
+                                              r"model.layers.0.mystery.w"):
+        write_gguf(plain, tok, tmp_path / "z.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_kquant_without_llamacpp_is_one_line_saying_what_to_install(lora_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_llamacpp(name, *a, **kw):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_llamacpp)
+    with pytest.raises(TunesmithError) as info:
+        export_run(lora_run, "gguf", tmp_path / "g", options={"type": "q4_k_m"})
+    assert str(info.value).splitlines() == [
+        "GGUF type q4_k_m needs llama.cpp's quantiser: pip install 'tunesmith[llamacpp]' (llama-cpp-python)"]
+    assert not (tmp_path / "g").exists()
+
+
+def test_kquants_through_llamacpp(lora_run: Path, tmp_path: Path) -> None:
+    """The exporter path of a K-quant (f16 first, then llama.cpp's quantiser); the
+    logits of q4_k_m, q5_k_m and q6_k files read by llama.cpp are checked per
+    architecture in tests/models/test_llamacpp.py."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'tunesmith[llamacpp]')")
+    from gguf import GGUFReader
+
+    from tunesmith.core.export import load_tokenizer, read_run
+
+    out = export_run(lora_run, "gguf", tmp_path / "gguf", options={"type": "q4_k_m"})
+    assert out.name == "model-q4_k_m.gguf" and not list(out.parent.glob("tmp*"))
+    r = GGUFReader(out)
+    assert r.fields["general.file_type"].contents() == 15
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert "Q4_K" in types.values() or "Q5_0" in types.values()  # rows of 64 fall back from the 256-blocks
+    assert r.fields["tokenizer.chat_template"].contents() == load_tokenizer(read_run(lora_run)).chat_template
+    manifest = json.loads(out.with_name(out.name + ".json").read_text())
+    assert manifest["type"] == "q4_k_m" and sum(manifest["tensors"].values()) == len(r.tensors)
+
+
+def test_hub_id_of_known_copies(tmp_path: Path) -> None:
+    from tunesmith.core.models import hub_id_of, record_hub_id
+
+    snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert hub_id_of(snap) == "Qwen/Qwen2.5-0.5B"
+    own = tmp_path / "cached"
+    own.mkdir()
+    assert hub_id_of(own) is None
+    record_hub_id(own, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub_id_of(own) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_adapter_names_its_base_by_hub_id_and_the_id_resolves_offline(tmp_path: Path, tiny_model_dir: Path,
+                                                                       tunesmith_plugin, monkeypatch) -> None:
+    import shutil
+
+    from pydantic import BaseModel
+
+    from tunesmith import hookimpl
+    from tunesmith.core.config import ModelSection
+    from tunesmith.core.models import record_hub_id, resolve_model_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    record_hub_id(base, "acme/tiny-base")
+    run = make_run(tmp_path / "run", base)
+    out = export_run(run, "adapter", tmp_path / "adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "acme/tiny-base"
+    assert json.loads((out / "tunesmith.json").read_text())["base_model_dir"] == str(base)  # the run keeps the path
+
+    class Bundled:  # a model source that carries a copy of a hub repository, as the default model does
+        name = "bundled"
+        description = "test copy"
+        hub_id = "acme/tiny-base"
+
+        class Options(BaseModel):
+            pass
+
+        def resolve(self, options):
+            return base
+
+    class _P:
+        @hookimpl
+        def register_model_sources(self, register):
+            register(Bundled())
+
+    tunesmith_plugin(_P(), "test.bundled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    assert resolve_model_dir(ModelSection.model_validate({"source": "hub", "id": "acme/tiny-base"})) == base
+
+
+def test_default_model_source_knows_its_hub_id() -> None:
+    import tunesmith
+
+    assert tunesmith.registry().model_sources.get("default").hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -155,6 +155,49 @@ def load_from_dir(
     return model, tok
 
 
+# --------------------------------------------------------------------------- hub ids
+#: written into a cached model folder by the model source that made it
+SOURCE_FILE = "tunesmith_source.json"
+
+
+def record_hub_id(model_dir: str | Path, hub_id: str) -> None:
+    """Note in ``model_dir/tunesmith_source.json`` which hub repository the folder is a copy of."""
+    from tunesmith.core.io import atomic_write_json
+
+    p = Path(model_dir) / SOURCE_FILE
+    data = {}
+    if p.exists():
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError:
+            data = {}
+    if data.get("hub_id") != hub_id:
+        data["hub_id"] = hub_id
+        atomic_write_json(p, data)
+
+
+def hub_id_of(model_dir: str | Path | None) -> str | None:
+    """The hub repository id a local model folder is a copy of, where known: the model
+    source's note (the bundled default: HuggingFaceTB/SmolLM2-135M-Instruct), or the
+    Hugging Face cache layout (``.../models--ORG--NAME/snapshots/REV``)."""
+    if not model_dir:
+        return None
+    p = Path(model_dir)
+    note = p / SOURCE_FILE
+    if note.exists():
+        try:
+            hub = json.loads(note.read_text(encoding="utf-8")).get("hub_id")
+        except ValueError:
+            hub = None
+        if hub:
+            return str(hub)
+    parts = p.resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
 def fit_embeddings(model: Any, tokenizer: Any) -> bool:
     """Resize the model's embeddings to the tokenizer when the tokenizer is longer
     (a run that added template tokens); the added rows' trained values come from

@@ -20,7 +20,8 @@ class AdapterExporter:
         overwrite: bool = Field(False, description="Replace an existing output folder.")
         base_model_name: str | None = Field(
             None,
-            description="Written as base_model_name_or_path (e.g. a hub id vLLM/TGI serve); default: the local base folder.",
+            description="Written as base_model_name_or_path (the hub id vLLM/TGI serve); default: the base's hub id where known "
+            "(the default model's: HuggingFaceTB/SmolLM2-135M-Instruct), else the local base folder.",
         )
         include_tokenizer: bool = Field(True, description="Copy the run's tokenizer files (and chat template) beside the adapter.")
 
@@ -46,9 +47,12 @@ class AdapterExporter:
         cfg = run.adapter_config
         registries = getattr(context, "registries", None)
         base_name = options.base_model_name
-        if base_name is None:
+        if base_name is None:  # the hub id where known (loads on any machine), else the local folder
+            from tunesmith.core.models import hub_id_of
+
             try:
-                base_name = str(run.base_model_dir(registries).resolve())
+                base_dir = run.base_model_dir(registries)
+                base_name = hub_id_of(base_dir) or str(base_dir.resolve())
             except TunesmithError:
                 base_name = cfg.get("base_model_name_or_path")
         cfg["base_model_name_or_path"] = base_name

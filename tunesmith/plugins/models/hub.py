@@ -23,15 +23,19 @@ class HubModel:
         from tunesmith.core.errors import TunesmithError
 
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
         try:
             from huggingface_hub import snapshot_download
 
-            path = snapshot_download(
-                options.id,
-                revision=options.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
-                local_files_only=offline,
-            )
+            try:  # the local Hugging Face cache first
+                path = snapshot_download(options.id, revision=options.revision, allow_patterns=patterns,
+                                         local_files_only=True)
+            except Exception:  # noqa: BLE001 - not cached
+                local = _bundled_copy(options)
+                if local is not None:  # a model source that carries this repository (the default model)
+                    return local
+                path = snapshot_download(options.id, revision=options.revision, allow_patterns=patterns,
+                                         local_files_only=offline)
         except Exception as exc:  # noqa: BLE001 - hub errors are many; say what to do
             if offline:
                 raise TunesmithError(
@@ -43,6 +47,19 @@ class HubModel:
         if not any(p.glob("*.safetensors")):
             raise TunesmithError(f"'{options.id}' has no safetensors weights; tunesmith never loads pickled weights")
         return p
+
+
+def _bundled_copy(options: "HubModel.Options") -> Path | None:
+    """The folder of another model source whose ``hub_id`` is this id (no revision asked)."""
+    if options.revision:
+        return None
+    from tunesmith.core.plugins import get_registries
+
+    for name, source in get_registries().model_sources.items():
+        if name != "hub" and getattr(source, "hub_id", None) == options.id:
+            opts = source.Options() if getattr(source, "Options", None) is not None else None
+            return Path(source.resolve(opts))
+    return None
 
 
 @hookimpl
