@@ -201,8 +201,9 @@ class LoggerSet:
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """One logged row (train or eval values, RL curves) at ``step``."""
+        metrics = {k: v for k, v in metrics.items() if k != "step"}  # the step is the argument
         if metrics:
-            self._call("log_metrics", dict(metrics), int(step))
+            self._call("log_metrics", metrics, int(step))
 
     def log_artifact(self, path: str | Path, kind: str) -> None:
         """A file or folder of the run; ``kind`` in :data:`ARTIFACT_KINDS`. A missing

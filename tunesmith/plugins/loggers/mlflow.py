@@ -157,7 +157,9 @@ class MlflowLogger:
             if location is None and db is not None:
                 location = (db.parent / "mlartifacts").resolve().as_uri()
             try:
-                exp_id = client.create_experiment(exp_name, artifact_location=location)
+                # the classic runs table in MLflow 3's UI (not its GenAI trace view)
+                exp_id = client.create_experiment(exp_name, artifact_location=location,
+                                                  tags={"mlflow.experimentKind": "custom_model_development"})
             except Exception:  # noqa: BLE001 - created meanwhile by another process
                 exp = client.get_experiment_by_name(exp_name)
                 if exp is None:
