@@ -43,6 +43,10 @@ def command(config: str, from_stage: str | None, until: str | None, resume: bool
     from tunesmith.core.rundir import RunDir
 
     start = stage_name(from_stage) if from_stage else "data"
+    if from_stage or resume:  # the stage order first: a later start needs the earlier stages done
+        from tunesmith.core.pipeline import plan_stages, read_state
+
+        plan_stages(read_state(RunDir.for_config(cfg).root), from_stage=from_stage, resume=resume, until=until)
     # data and paths before any model loads (a run that starts later reuses its prepared data)
     preflight(cfg, regs, {"data": "run", "train": "train", "evaluate": "eval"}.get(start, "export"))
     attach_run_log(RunDir.for_config(cfg).root)

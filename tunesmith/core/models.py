@@ -26,7 +26,7 @@ from typing import Any
 
 from tunesmith.core.errors import ConfigError, TunesmithError
 from tunesmith.core.registry import member
-from tunesmith.core.templates import end_of_turn_token, setup_tokenizer, sync_model_tokens  # noqa: F401 - re-exported
+from tunesmith.core.templates import _PAD_CANDIDATES, end_of_turn_token, setup_tokenizer, sync_model_tokens  # noqa: F401 - re-exported
 
 log = logging.getLogger("tunesmith.models")
 
