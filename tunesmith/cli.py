@@ -158,6 +158,44 @@ class _TerminalFilter:
         return record.levelno >= logging.ERROR and record.name != "py.warnings"
 
 
+class _Stderr:
+    """A logging handler on whatever ``sys.stderr`` is now (test runners swap it)."""
+
+    @staticmethod
+    def handler() -> Any:
+        import logging
+
+        class Handler(logging.StreamHandler):
+            @property  # type: ignore[override]
+            def stream(self) -> Any:
+                return sys.stderr
+
+            @stream.setter
+            def stream(self, value: Any) -> None:
+                pass
+
+        return Handler()
+
+
+class _Buffer:
+    """Log records kept until a run directory is known (the last 20,000)."""
+
+    @staticmethod
+    def handler() -> Any:
+        import collections
+        import logging
+
+        class Handler(logging.Handler):
+            def __init__(self) -> None:
+                super().__init__(logging.DEBUG)
+                self.buffer: collections.deque = collections.deque(maxlen=20_000)
+
+            def emit(self, record: Any) -> None:
+                self.buffer.append(record)
+
+        return Handler()
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Route library noise (bitsandbytes' kernel notices, transformers' and peft's
     FutureWarnings and advisories, torch's UserWarnings) away from the terminal:
@@ -165,7 +203,6 @@ def quiet_libraries(verbose: bool = False) -> None:
     run directory is known (:func:`attach_run_log` writes them to RUN/logs/tunesmith.log),
     and the terminal shows only what :class:`_TerminalFilter` lets through."""
     import logging
-    import logging.handlers
 
     root = logging.getLogger()
     if getattr(root, "_tunesmith_quiet", None) is not None:
@@ -178,10 +215,10 @@ def quiet_libraries(verbose: bool = False) -> None:
     import warnings
 
     warnings.simplefilter("default")  # each distinct warning once, into the log
-    terminal = logging.StreamHandler(sys.stderr)
+    terminal = _Stderr.handler()
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     terminal.addFilter(_TerminalFilter(verbose))
-    memory = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    memory = _Buffer.handler()
     memory.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(terminal)
     root.addHandler(memory)
@@ -246,13 +283,17 @@ def attach_run_log(run_dir: Any) -> Any:
     if int(os.environ.get("RANK", "0")) != 0:
         path = path.with_name(f"tunesmith-rank{os.environ['RANK']}.log")
     for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
-            return path
+        if isinstance(h, logging.FileHandler):
+            if Path(h.baseFilename) == path.resolve():
+                return path
+            root.removeHandler(h)  # an earlier run of this process
+            h.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = logging.FileHandler(path, encoding="utf-8")
     fh.setFormatter(memory.formatter)
-    for record in memory.buffer:
+    for record in list(memory.buffer):
         fh.handle(record)
+    memory.buffer.clear()
     root.addHandler(fh)
     return path
 
