@@ -90,24 +90,38 @@ def test_server_isolates_adapters_under_concurrency(tiny_model_dir: Path, two_ad
 
     server = ModelServer.from_paths(tiny_model_dir, {n: p for n, p in two_adapters.items()})
     with _Server(create_app(server)) as url:
-        jobs = [(m, p) for _ in range(3) for m in ("alpha", "beta", "base") for p in [*PROMPTS, "<chat>"]]
+        # 64 requests at once, mixed over two adapters and the base, some streamed: the
+        # batched engine runs them in shared forwards; each answer must be its model's alone
+        kinds = [(m, p) for m in ("alpha", "beta", "base") for p in [*PROMPTS, "<chat>"]]
+        jobs = [(*kinds[i % len(kinds)], i % 5 == 0) for i in range(64)]
+        steps0 = server.engine.steps
 
         def call(job):
-            model, prompt = job
+            model, prompt, stream = job
             with httpx.Client(base_url=url, timeout=120) as c:
                 if prompt == "<chat>":
-                    r = c.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": N, "temperature": 0})
-                    r.raise_for_status()
-                    return job, r.json()["choices"][0]["message"]["content"], r.json()
-                r = c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": N, "temperature": 0})
+                    body = {"model": model, "messages": CHAT, "max_tokens": N, "temperature": 0, "stream": stream}
+                    r = c.post("/v1/chat/completions", json=body)
+                else:
+                    body = {"model": model, "prompt": prompt, "max_tokens": N, "temperature": 0, "stream": stream}
+                    r = c.post("/v1/completions", json=body)
                 r.raise_for_status()
-                return job, r.json()["choices"][0]["text"], r.json()
+                if stream:
+                    events = [json.loads(line[6:]) for line in r.text.splitlines()
+                              if line.startswith("data: ") and line != "data: [DONE]"]
+                    text = "".join(e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or ""
+                                   for e in events)
+                    return job, text, {"model": events[0]["model"], "usage": {"completion_tokens": len(events)}}
+                choice = r.json()["choices"][0]
+                return job, choice["message"]["content"] if prompt == "<chat>" else choice["text"], r.json()
 
-        with ThreadPoolExecutor(max_workers=12) as pool:
+        with ThreadPoolExecutor(max_workers=64) as pool:
             results = list(pool.map(call, jobs))
-        for (model, prompt), text, body in results:
-            assert text == refs[model][prompt], (model, prompt)
+        assert len(results) == 64
+        for (model, prompt, stream), text, body in results:
+            assert text == refs[model][prompt], (model, prompt, stream)
             assert body["model"] == model and body["usage"]["completion_tokens"] >= 1
+        assert server.engine.steps - steps0 < 64 * N / 4  # batched, not one request at a time
 
         with httpx.Client(base_url=url, timeout=60) as c:
             models = [m["id"] for m in c.get("/v1/models").json()["data"]]
