@@ -72,6 +72,15 @@ def test_builtins_are_plugins_with_declared_members():
         opens = len(re.findall(r"\{\{-?\s*(?:if|range)\b", go))
         ends = len(re.findall(r"\{\{-?\s*end\s*-?\}\}", go))
         assert opens == ends, name
+        assert "[" not in obj.description  # `tunesmith plugins` prints descriptions as rich markup
+
+
+def test_plugins_table_lists_the_templates(capsys):
+    from tunesmith.cli import main
+
+    _cli(main, ["plugins"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in BUILTINS) and "gguf-lora" in out
 
 
 @pytest.mark.parametrize("name", BUILTINS)

@@ -33,7 +33,7 @@ OLLAMA = """{{- $first := true }}
 
 class Mistral:
     name = "mistral"
-    description = "Mistral instruct: [INST] user [/INST]answer</s> (EOS ends the turn)"
+    description = "Mistral instruct: user turns wrapped in INST markers, the answer ended by EOS"
     template = TEMPLATE
     special_tokens = ()
     end_of_turn = None  # the tokenizer's EOS
