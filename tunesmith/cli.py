@@ -31,6 +31,7 @@ BUILTIN_COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("tunesmith.commands.plan", "Recommend an approach; estimate memory and time."),
     "human-eval": ("tunesmith.commands.human_eval", "Blinded human-evaluation sheets and a rating page."),
     "ab": ("tunesmith.commands.ab", "A/B test routing and analysis."),
+    "sweep": ("tunesmith.commands.sweep", "Tune hyper-parameters with Optuna (pruning, resumable, plots)."),
 }
 
 
