@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,8 +29,8 @@ from tunesmith.core.errors import TunesmithError
 from tunesmith.serving.metrics import log_event
 from tunesmith.serving.types import BASE_NAME, Generation, SamplingParams, ServingError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tunesmith.serving.server import ModelServer
+# "ModelServer" annotations name tunesmith.serving.server.ModelServer, which imports
+# this module: not imported here, even for type checkers, so the modules form no cycle
 
 #: roles a chat message may have (OpenAI's; ``developer`` is treated as ``system``)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")

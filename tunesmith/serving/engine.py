@@ -34,12 +34,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from tunesmith.serving.types import Generation, SamplingParams, ServingError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tunesmith.serving.server import ModelServer
+# "ModelServer" annotations name tunesmith.serving.server.ModelServer, which imports
+# this module: not imported here, even for type checkers, so the modules form no cycle
 
 log = logging.getLogger("tunesmith.serving")
 
@@ -432,7 +432,7 @@ class BatchEngine(_Engine):
             kw[self._keep_kw] = 1
         model = self.server.model
         if model is not self.server.base:  # a PeftModel: every row names its adapter
-            kw["adapter_names"] = [s.adapter or PEFT_BASE for s in rows]
+            kw["adapter_names"] = [rows[0].adapter or PEFT_BASE for s in rows]
         out = model(**kw)
         self.steps += 1
         return out.logits[:, -1, :]
