@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunesmith.serving.types import Generation, SamplingParams, ServingError
 
@@ -432,7 +432,7 @@ class BatchEngine(_Engine):
             kw[self._keep_kw] = 1
         model = self.server.model
         if model is not self.server.base:  # a PeftModel: every row names its adapter
-            kw["adapter_names"] = [rows[0].adapter or PEFT_BASE for s in rows]
+            kw["adapter_names"] = [s.adapter or PEFT_BASE for s in rows]
         out = model(**kw)
         self.steps += 1
         return out.logits[:, -1, :]
