@@ -22,7 +22,6 @@ from tunesmith.core.tracking import open_loggers, read_state
 
 mlflow = pytest.importorskip("mlflow")
 
-from tests.tracking.bridge import LoggerBridge, session_wires_loggers  # noqa: E402
 
 
 def _client(uri: str) -> Any:
@@ -142,7 +141,6 @@ def test_bad_store_fails_before_training(tmp_path: Path) -> None:
 def tracked_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, mlflow_template_db: Path) -> dict:
     """``tunesmith run`` on the tiny model with report_to mlflow and the mlflow registry
     back-end on the same sqlite store: data, train, evaluate, export, register."""
-    from tunesmith.core import plugins
     from tunesmith.testing import TINY_CHAT
 
     root = tmp_path_factory.mktemp("tracked")
@@ -152,7 +150,6 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, 
     uri = f"sqlite:///{db}"
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY_CHAT))
-    bridge = None if session_wires_loggers() else LoggerBridge()
     cfg = {
         "name": "tiny-tracked",
         "model": {"source": "hf", "path": str(tiny_model_dir)},
@@ -168,21 +165,12 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, 
         "export": [{"format": "adapter"}],
         "registry": {"backend": "mlflow", "tracking_uri": uri, "path": str(root / "registry"), "name": "tiny-router",
                      "stage": "production"},
-        # until the training session writes metrics.jsonl through the jsonl logger, core writes it itself
-        "plugins": {"disable": [] if bridge is None else ["logger.jsonl"]},
         "output_dir": str(root / "run"),
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    if bridge is not None:
-        plugins.register_plugin(bridge, "logger-bridge")
-    try:
-        tunesmith.reset_plugins()
-        summary = tunesmith.run(tunesmith.load_config(path))
-    finally:
-        if bridge is not None:
-            plugins.unregister_plugin("logger-bridge")
-        tunesmith.reset_plugins()
+    tunesmith.reset_plugins()
+    summary = tunesmith.run(tunesmith.load_config(path))
     state = read_state(root / "run", "mlflow")
     return {"uri": uri, "run_id": state["run_id"], "experiment_id": state["experiment_id"], "summary": summary,
             "root": root}
@@ -197,6 +185,9 @@ def test_pipeline_is_one_mlflow_run(tracked_run: dict) -> None:
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-tracked"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [3, 6]
+    # the run directory's own record is the jsonl logger's metrics.jsonl: the same rows
+    rows = [json.loads(x) for x in (tracked_run["root"] / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r and "train_loss" not in r] == [1, 2, 3, 4, 5, 6]
     m = run.data.metrics
     assert m["tuned.perplexity.perplexity"] < m["base.perplexity.perplexity"]  # what the evaluate stage measured
     assert "train.loss" in m and run.data.params["training.max_steps"] == "6"
@@ -299,3 +290,49 @@ def test_mlflow_ui_shows_the_run_metrics_and_artefacts(tracked_run: dict, mlflow
     _wait_for_text(browser, ["tiny-tracked", "loss", "eval_loss", "tuned.perplexity.perplexity"])
     browser.get(f"{mlflow_ui}/#/experiments/{exp}/runs/{run_id}/artifacts")
     _wait_for_text(browser, ["adapter", "config", "data", "eval", "plots"])
+
+
+def test_training_that_fails_and_resumes_keeps_one_mlflow_run(tiny_cfg: Any, mlflow_uri: str, tunesmith_plugin: Any,
+                                                               tiny_chat_file: Path) -> None:
+    """The training session drives the loggers: a run that dies at step 3 is FAILED in
+    MLflow; --resume from checkpoint-2 reopens the same MLflow run and finishes it;
+    metrics.jsonl and TensorBoard read as one uninterrupted run."""
+    from tunesmith import hookimpl
+    from tunesmith.core.session import train
+
+    class Crash:
+        armed = True
+
+        @hookimpl
+        def after_log(self, run: Any, step: int, logs: dict) -> None:
+            if self.armed and step == 3 and "loss" in logs:
+                raise RuntimeError("power cut")
+
+    crash = Crash()
+    tunesmith_plugin(crash, "crash")
+    cfg = tiny_cfg(name="resumable", training={"max_steps": 4, "save_steps": 2, "logging_steps": 1, "eval_steps": 2,
+                                                "report_to": ["tensorboard", {"name": "mlflow", "tracking_uri": mlflow_uri}]},
+                   data={"path": str(tiny_chat_file), "validation_path": str(tiny_chat_file)})
+    regs = tunesmith.registry()
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(cfg, regs)
+    run_dir = Path(cfg.output_dir)
+    run_id = read_state(run_dir, "mlflow")["run_id"]
+    client = _client(mlflow_uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    crash.armed = False
+    result = train(cfg, regs, resume=True)
+    assert result["resumed_from"].endswith("checkpoint-2") and result["steps"] == 4
+    assert read_state(run_dir, "mlflow")["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train_loss"] == pytest.approx(result["train_loss"])
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 3, 4]  # MLflow keeps every point
+    assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [2, 4]
+    assert {f.path for f in client.list_artifacts(run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r and "train_loss" not in r] == [1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]  # the dead run's step 3 purged

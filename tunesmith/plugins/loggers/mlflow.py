@@ -51,6 +51,7 @@ class MlflowRun:
         self.kinds = kinds
         self.resumed = resumed
         self.last_step = 0
+        self.last: dict[str, tuple[int, float]] = {}  # key -> (step, value) last logged
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param, RunTag
@@ -78,6 +79,7 @@ class MlflowRun:
 
         ts = int(time.time() * 1000)
         values = [Metric(mlflow_key(k), v, ts, int(step)) for k, v in numeric(metrics).items()]
+        self.last.update({m.key: (m.step, m.value) for m in values})
         for chunk in _chunks(values, 1000):
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
         self.last_step = max(self.last_step, int(step))
@@ -98,8 +100,10 @@ class MlflowRun:
         if result:
             final = numeric(flatten(result))
             step = int(result.get("steps") or self.last_step) if isinstance(result.get("steps"), (int, float)) else self.last_step
+            # a result value the last row already logged at this step (eval_loss) is not logged twice
+            final = {k: v for k, v in final.items() if k != "steps" and self.last.get(mlflow_key(k)) != (step, v)}
             if final:
-                self.log_metrics({k: v for k, v in final.items() if k != "steps"}, step)
+                self.log_metrics(final, step)
         self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished" else "FAILED")
 
 
