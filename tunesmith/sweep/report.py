@@ -119,10 +119,14 @@ def _absolutise(node: Any, base: Path) -> Any:
 def write_best_config(spec: Any, best: dict, path: Path) -> Path:
     import yaml
 
-    from tunesmith.sweep.runner import base_data
+    from tunesmith.core.config import apply_overrides, read_yaml
     from tunesmith.sweep.space import with_params
 
-    data, _, base = base_data(spec)
+    # the sweep's base config (as runner.base_data reads it; not imported: runner imports this module)
+    data, _ = read_yaml(spec.config)
+    if spec.overrides:
+        data = apply_overrides(data, spec.overrides)
+    base = Path(spec.config).resolve().parent
     data = with_params(copy.deepcopy(data), best["params"])
     data = _absolutise(data, base)
     header = (f"# The best trial of the sweep {spec.out_dir} (trial {best['trial']}: {spec.metric} {best['value']:.6g}).\n"
