@@ -90,3 +90,25 @@ def preference_accuracy(run: Path, pairs: list[dict], *, implicit_reward: bool) 
         out[key + "accuracy"] = float((diff > 0).float().mean())
         out[key + "margin"] = float(diff.mean())
     return out
+
+
+# --------------------------------------------------------------------------- RL (the tiny policy of tests/rl)
+@pytest.fixture(scope="session")
+def rl_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    from tests.rl.conftest import build_rl_tiny_model
+
+    return build_rl_tiny_model(tmp_path_factory.mktemp("rl-tiny") / "model", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def rl_target(rl_model_dir: Path) -> tuple[str, float]:
+    from tests.rl.conftest import PROMPTS, first_token_pattern
+
+    return first_token_pattern(rl_model_dir, PROMPTS)
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    from tests.rl.conftest import PROMPTS
+
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
