@@ -4,6 +4,13 @@ Part 1 (padded batches): the default model (SmolLM2-135M-Instruct), the quicksta
 data, LoRA r16 all-linear, the same max length, batch, steps and precision for all
 three; real (non-padding) tokens per second and peak RSS for each, and the ratios.
 
+``tunesmith`` is today's fp32 path; ``tunesmith-auto`` the new defaults
+(``precision: auto`` - bf16 compute with the frozen base stored in bf16 where the
+hardware multiplies bf16 natively - and ``compile: auto``);
+``tunesmith-auto-compiled`` (``--only``) forces ``compile: on``, compile time
+included. For each variant the table prints achieved model FLOP/s and its fraction
+of the bf16 matmul peak at the model's layer shapes (``bench_peak.py``).
+
 Part 2 (widely varied lengths): tunesmith with naive padded batches against
 packing, padding-free batches and length-grouped batches.
 
@@ -40,6 +47,10 @@ RESULTS = ROOT / "bench" / "results"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TUNESMITH_NO_PROGRESS", "1")
+
+#: model FLOPs per real token of a LoRA step on SmolLM2-135M: forward (2N) + input gradients (2N) of the
+#: N = 106.2M non-embedding weights (frozen: no weight gradients); attention, LoRA and the head not counted
+FLOPS_PER_TOKEN = 4 * 106.2e6
 
 WORDS = ("the model reads a support ticket and answers with the team and the priority of the request "
          "so that the right people see it quickly and nobody waits longer than needed").split()
@@ -94,7 +105,8 @@ def lora_config(r: int):  # type: ignore[no-untyped-def]
 
 
 # --------------------------------------------------------------------------- variants (child process)
-def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -> dict:
+def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object, *, precision: str | None = None,
+                  compile_mode: str = "off") -> dict:
     import yaml
 
     import tunesmith
@@ -105,11 +117,12 @@ def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object) -
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg_path = tmp / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump({
-        "model": {"source": "default", "dtype": "float32"},
+        "model": {"source": "default", "dtype": "auto" if precision else "float32"},
         "data": {"path": str(data)},
         "peft": {"method": "lora", "r": args.r, "alpha": 2 * args.r, "dropout": 0.05, "target_modules": "all-linear"},
         "training": {"max_steps": args.steps, "batch_size": args.batch, "gradient_accumulation_steps": 1,
-                     "learning_rate": 2e-4, "max_length": args.max_length, "precision": args.precision, "packing": packing,
+                     "learning_rate": 2e-4, "max_length": args.max_length, "precision": precision or args.precision, "packing": packing,
+                     "compile": compile_mode,
                      "gradient_checkpointing": False, "logging_steps": args.steps, "save_steps": 0, "eval_steps": 0,
                      "report_to": [], "early_stopping": None, "warmup_ratio": 0.0},
         "output_dir": str(tmp / "run"),
@@ -188,6 +201,10 @@ def child(name: str, args: argparse.Namespace) -> None:
     varied = varied_rows(max(64, args.steps * args.batch * 2))
     if name == "tunesmith":
         out = run_tunesmith(args, padded_rows, False)
+    elif name == "tunesmith-auto":  # the new defaults: precision auto (+ compile where it pays)
+        out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="auto")
+    elif name == "tunesmith-auto-compiled":  # precision auto and compile on (compile time included)
+        out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="on")
     elif name == "trl":
         out = run_trl(args, padded_rows)
     elif name == "transformers":
@@ -213,14 +230,16 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="run only these variants")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                    help="bf16: autocast for all three (on a GPU: the device check of the issue; on CPU it is slower)")
+                    help="precision of the plain baselines and of the 'tunesmith' variant (today's fp32 path by default); "
+                         "'tunesmith-auto' always runs precision: auto")
     ap.add_argument("--repeat", type=int, default=1, help="run every variant this many times (interleaved); report the median")
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (fraction of peak)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args)
         return
-    variants = args.only or ["transformers", "trl", "tunesmith", "varied-naive", "varied-group_by_length",
+    variants = args.only or ["transformers", "trl", "tunesmith", "tunesmith-auto", "varied-naive", "varied-group_by_length",
                              "varied-padding_free", "varied-packing"]
     results: dict[str, dict] = {}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -256,6 +275,13 @@ def main() -> None:
             ratios["tunesmith_vs_trl"] = round(tps("tunesmith") / tps("trl"), 3)
         if tps("transformers"):
             ratios["tunesmith_vs_transformers"] = round(tps("tunesmith") / tps("transformers"), 3)
+    if tps("tunesmith-auto"):
+        if tps("tunesmith"):
+            ratios["auto_vs_tunesmith_fp32"] = round(tps("tunesmith-auto") / tps("tunesmith"), 3)
+        if tps("trl") or tps("transformers"):
+            ratios["auto_vs_best_plain"] = round(tps("tunesmith-auto") / max(tps("trl"), tps("transformers")), 3)
+    if tps("tunesmith-auto-compiled") and tps("tunesmith"):
+        ratios["auto_compiled_vs_tunesmith_fp32"] = round(tps("tunesmith-auto-compiled") / tps("tunesmith"), 3)
     if tps("varied-naive"):
         for m in ("packing", "padding_free", "group_by_length"):
             if tps(f"varied-{m}"):
@@ -263,20 +289,37 @@ def main() -> None:
         best = max(tps(f"varied-{m}") for m in ("packing", "padding_free", "group_by_length"))
         ratios["best_length_mode_vs_naive"] = round(best / tps("varied-naive"), 3)
     gpu = any("peak_gpu_mb" in v for v in results.values())
-    print("\nvariant                    real tokens/s   train s   peak RSS MB" + ("   peak GPU MB" if gpu else ""))
+    peak = None
+    if not gpu and not args.no_peak:  # the bf16 matmul peak at the model's layer shapes (bench_peak.py)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_peak import measure
+
+        peak = measure(tokens=args.batch * 82, repeat=10)
+    for v in results.values():
+        if "error" not in v:
+            v["model_gflops"] = round(v["tokens_per_s"] * FLOPS_PER_TOKEN / 1e9, 1)
+            if peak:
+                v["fraction_of_bf16_peak"] = round(v["model_gflops"] / peak["peak_bf16_gflops"], 4)
+    print("\nvariant                    real tokens/s   train s   peak RSS MB   model GFLOP/s  of bf16 peak"
+          + ("   peak GPU MB" if gpu else ""))
     for k, v in results.items():
         if "error" in v:
             print(f"{k:26s} ERROR")
         else:
-            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f}"
+            frac = f"{100 * v['fraction_of_bf16_peak']:11.1f}%" if "fraction_of_bf16_peak" in v else f"{'-':>12s}"
+            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f} {v['model_gflops']:15.1f} {frac}"
                   + (f" {v.get('peak_gpu_mb', 0):13.0f}" if gpu else ""))
+    if peak:
+        print(f"matmul peak at the model's layer shapes ({peak['threads']} threads): fp32 {peak['peak_fp32_gflops']:.0f}, "
+              f"bf16 {peak['peak_bf16_gflops']:.0f} GFLOP/s; model FLOPs = 4 x {FLOPS_PER_TOKEN / 4 / 1e6:.0f}M "
+              "non-embedding parameters per real token (forward + input gradients of the frozen base)")
     for k, v in ratios.items():
         print(f"{k}: {v}x")
     load = os.getloadavg()
     print(f"(load average during the run: {load[0]:.1f}; numbers on a shared CPU are noisy)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"settings": vars(args) | {"model": "SmolLM2-135M-Instruct (default)", "lora": f"r{args.r} all-linear"},
-           "results": results, "ratios": ratios, "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "results": results, "ratios": ratios, "peak": peak, "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     (RESULTS / "bench_train.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {RESULTS / 'bench_train.json'}")
 

@@ -204,18 +204,22 @@ def build_datasets(examples: list[dict], cfg: Any, tokenizer: Any) -> tuple[Any,
 
 
 # --------------------------------------------------------------------------- arguments
-def precision_flags(precision: str) -> dict:
-    import torch
+def precision_flags(precision: Any) -> dict:
+    """``bf16``/``fp16``/``use_cpu`` for ``TrainingArguments``.
 
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision == "bf16" and not cuda:
-        # bf16 autocast runs on CPU too, but is slower than fp32 on most CPUs: allowed when asked
-        return {"bf16": True, "fp16": False, "use_cpu": True}
-    if precision == "fp16" and not cuda:
-        raise ConfigError("fp16 needs a CUDA GPU; use precision: fp32 or bf16 on CPU", key="training.precision")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
+    ``precision`` is a resolved :class:`~tunesmith.core.precision.PrecisionChoice`
+    (what :func:`build_training_arguments` passes: it knows the model) or a
+    ``training.precision`` string; a bare ``auto`` without the model resolves as
+    if the model size were unknown on a GPU and to fp32 autocast flags on a CPU
+    (the frozen base's storage dtype, chosen by the session, carries bf16 there).
+    """
+    from tunesmith.core.precision import PrecisionChoice, choose_precision, detect_hardware
+
+    if isinstance(precision, PrecisionChoice):
+        return precision.trainer_flags()
+    if precision == "auto" and detect_hardware().device == "cpu":
+        return {"bf16": False, "fp16": False, "use_cpu": True}
+    return choose_precision(precision).trainer_flags()
 
 
 def build_training_arguments(cfg: Any, run_dir: str | Path | RunDir, *, has_eval: bool = False, learning_rate: float | None = None, **overrides: Any) -> Any:
@@ -226,7 +230,9 @@ def build_training_arguments(cfg: Any, run_dir: str | Path | RunDir, *, has_eval
     t = cfg.training
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
     lr = learning_rate if learning_rate is not None else (t.learning_rate if t.learning_rate != "auto" else 2e-4)
-    flags = precision_flags(t.precision)
+    from tunesmith.core.precision import resolve_precision
+
+    flags = precision_flags(resolve_precision(cfg))
     cuda = torch.cuda.is_available()
     eval_on = has_eval and t.eval_steps > 0
     save_steps = t.save_steps
@@ -460,10 +466,12 @@ def make_trainer_class() -> type:
             world = self.accelerator.num_processes
             batch.world_size = world
             if model.training:
+                before = self.tokens_seen
                 if "attention_mask" in inputs:
                     self.tokens_seen += int(inputs["attention_mask"].sum())
                 elif "input_ids" in inputs:
                     self.tokens_seen += int(inputs["input_ids"].numel())
+                self._step_clock(model, self.tokens_seen - before)
             total = None
             for name, plugin, options, weight in self.tunesmith_losses:
                 value, logs = plugin.compute(model, batch, options, self.run)
@@ -486,6 +494,40 @@ def make_trainer_class() -> type:
                 outputs = batch._outputs if batch._outputs is not None else {"loss": total.detach()}
                 return total, outputs
             return total
+
+        # -- training.compile --------------------------------------------
+        def _step_clock(self, model: Any, tokens: int) -> None:
+            """On the first training batch: decide ``training.compile`` (core/compile.py)
+            and compile the repeated blocks when it says so; then time every step
+            (the measured costs inform later runs' ``auto``)."""
+            clock = getattr(self, "_clock", None)
+            if clock is None:
+                clock = self._clock = self._setup_compile(model, tokens)
+            if clock is not False and tokens:
+                clock.tick(tokens)
+
+        def _setup_compile(self, model: Any, tokens: int) -> Any:
+            from tunesmith.core import compile as tcompile
+            from tunesmith.core.precision import resolve_precision
+
+            cfg = getattr(self.run, "config", None)
+            if cfg is None or not hasattr(cfg, "training"):
+                return False
+            mode = getattr(cfg.training, "compile", "off")
+            inner = self.accelerator.unwrap_model(model)
+            device = "cuda" if next(inner.parameters()).is_cuda else "cpu"
+            compute = resolve_precision(cfg, getattr(self.run, "registries", None), quiet=True).compute
+            signature = tcompile.model_signature(inner, device, compute)
+            decision = tcompile.decide_compile(
+                mode, steps=max(int(self.state.max_steps or 0) - int(self.state.global_step or 0), 0),
+                tokens_per_step=float(tokens) * max(int(self.args.gradient_accumulation_steps), 1), device=device,
+                n_params=sum(p.numel() for p in inner.parameters()), record=tcompile.read_records().get(signature),
+            )
+            compiled = False
+            if decision.compile:
+                compiled = tcompile.compile_blocks(inner) > 0
+            say(decision.line(mode) + ("" if compiled or not decision.compile else "; no repeated blocks to compile"))
+            return tcompile.StepClock(signature, compiled)
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             if "loss" in logs and self._term_sums:
