@@ -179,7 +179,13 @@ class TrainingSection(Strict):
     #: a transformers optimizer name (adamw_torch, adamw_torch_fused, adamw_8bit, sgd, ...);
     #: auto = transformers' default for the installed torch (fused AdamW on torch >= 2.8)
     optimizer: str = "auto"
+    #: auto = bf16 compute where the hardware multiplies bf16 natively (Ampere+ GPUs; CPUs with
+    #: AMX or AVX-512 BF16, for models of hidden size >= 256 with a frozen base), else fp32
+    #: (fp16 on pre-Ampere GPUs); bf16 stores the frozen base in bf16, trainable weights fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: torch.compile of the repeated blocks (inductor, persistent cache in the user cache dir):
+    #: auto = only when the run is long enough to amortise the compile (docs/training.md)
+    compile: Literal["off", "on", "auto"] = "auto"
     tf32: bool = True
     gradient_checkpointing: bool = True
     packing: Literal[False, True, "padding_free", "group_by_length"] = False
@@ -199,6 +205,12 @@ class TrainingSection(Strict):
         description="Experiment loggers: names (tensorboard, mlflow, wandb) or {name: mlflow, tracking_uri: ...}; "
                     "unset: the loggers on by default (tensorboard); [] or none: none. jsonl (metrics.jsonl) is always on.",
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean
+        return ("on" if v else "off") if isinstance(v, bool) else v
 
     @field_validator("report_to", mode="before")
     @classmethod

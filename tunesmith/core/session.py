@@ -242,9 +242,14 @@ class TrainingSession:
         base_dir = resolve_model_dir(cfg, self.registries)
         quantization_config = member(method, "peft_methods", "quantization_config")
         quant = quantization_config(options) if quantization_config is not None else None
+        from tunesmith.core.precision import cast_trainable_fp32, resolve_precision
+
+        precision = resolve_precision(cfg, self.registries, model_dir=base_dir)
         dtype = cfg.model.dtype
-        if dtype == "auto" and cfg.training.precision == "fp32":
+        if dtype == "auto" and precision.compute == "fp32":
             dtype = "float32"
+        elif dtype == "auto" and precision.store_base_bf16:
+            dtype = "bfloat16"  # the frozen base stored in bf16; trainable parameters fp32 (below)
         if head == "sequence_classification":
             model, tok = self._load_classifier(base_dir, pick_dtype(dtype), quant)
         else:
@@ -260,6 +265,8 @@ class TrainingSession:
             model = self._apply_for_classification(method, model, options)
         else:
             model = method.apply(model, options, ctx)
+        if precision.store_base_bf16:
+            cast_trainable_fp32(model)
         if ctx is not None:
             ctx.model = model
         self.say(describe_trainable(model, method))
