@@ -81,6 +81,34 @@ def test_dpo(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert info["objective"] == "dpo"
 
 
+@pytest.mark.parametrize("name", ["kto", "orpo"])
+def test_preference_objectives(name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    s = run_example(f"{name}.yaml", tiny_model_dir, tmp_path)
+    assert s["train"]["steps"] == 2
+    info = json.loads((tmp_path / name / "final" / "tunesmith.json").read_text())
+    assert info["objective"] == name
+
+
+def test_rloo(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """RL examples train on prompt rows (no data stage): ``tunesmith train``."""
+    from tunesmith.cli import cli
+
+    config = EXAMPLES / "rloo.yaml"
+    sets = [f"model.source=hf", f"model.path={tiny_model_dir}", "training.max_steps=2", "objective.max_new_tokens=4"]
+    r = CliRunner().invoke(cli, ["train", str(config), *[a for s in sets for a in ("--set", s)], "-o", str(tmp_path / "rloo"), "--json"])
+    assert r.exit_code == 0, f"rloo.yaml: {r.exception!r}\n{r.output[-3000:]}"
+    result = json.loads((tmp_path / "rloo" / "train_result.json").read_text())
+    assert result["objective"] == "rloo" and result["steps"] == 2 and "reward_end" in result
+
+
+def test_distill_from_the_quickstart_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_example("quickstart.yaml", tiny_model_dir, tmp_path)
+    s = run_example("distill.yaml", tiny_model_dir, tmp_path, "--set", f"objective.teacher={tmp_path / 'quickstart'}")
+    assert s["train"]["steps"] == 2
+    result = json.loads((tmp_path / "distill" / "train_result.json").read_text())
+    assert result["objective"] == "distill" and result["teacher"].startswith("tunesmith run")
+
+
 def test_continued_pretraining(tiny_model_dir: Path, tmp_path: Path) -> None:
     s = run_example("continued_pretraining.yaml", tiny_model_dir, tmp_path)
     assert s["train"]["steps"] >= 1
