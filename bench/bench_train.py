@@ -198,6 +198,12 @@ def child(name: str, args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     padded_rows = quickstart_rows()
+    if name.endswith("-liger"):  # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into transformers' Llama
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+        name = name[: -len("-liger")]
     varied = varied_rows(max(64, args.steps * args.batch * 2))
     if name == "tunesmith":
         out = run_tunesmith(args, padded_rows, False)
