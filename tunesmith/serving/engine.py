@@ -356,10 +356,11 @@ class BatchEngine(_Engine):
     mode = "batched"
 
     def __init__(self, server: "ModelServer", *, max_batch_size: int = 32, max_queue: int = 256, max_wait_ms: float = 5.0,
-                 max_prefill_tokens: int = 4096) -> None:
+                 max_prefill_tokens: int = 4096, join_wait_ms: float = 0.0) -> None:
         import torch
 
         self.max_prefill_tokens = max(1, int(max_prefill_tokens))
+        self.join_wait = max(0.0, float(join_wait_ms)) / 1000.0
         self._rows: list[Sequence] = []
         self._cache: Any = None
         self._mask: Any = None  # [rows, cache columns] 1 = a real token
@@ -410,9 +411,17 @@ class BatchEngine(_Engine):
                     if left <= 0:
                         break
                     self._cv.wait(left)
+            free = self.max_batch_size - len(self._rows)
+            if self._rows and self._waiting and self.join_wait > 0:
+                # a prefill costs about a whole decode step however few rows it has: let
+                # joiners gather for a moment instead of stalling the batch for each one
+                live_waiting = [s for s in self._waiting if not s.cancelled]
+                want = min(free, max(1, len(self._rows) // 4))
+                if live_waiting and len(live_waiting) < want and \
+                        time.perf_counter() - live_waiting[0].t_submit < self.join_wait:
+                    return []
             taken: list[Sequence] = []
             live = longest = 0
-            free = self.max_batch_size - len(self._rows)
             while self._waiting and live < free:
                 s = self._waiting[0]
                 if s.cancelled:
@@ -431,8 +440,15 @@ class BatchEngine(_Engine):
         if last_only and self._keep_kw:
             kw[self._keep_kw] = 1
         model = self.server.model
-        if model is not self.server.base:  # a PeftModel: every row names its adapter
-            kw["adapter_names"] = [s.adapter or PEFT_BASE for s in rows]
+        if model is not self.server.base:  # a PeftModel
+            names = {s.adapter for s in rows}
+            if len(names) == 1 and None not in names:
+                # one adapter for every row: the plain LoRA forward, no per-adapter sub-batches
+                (name,) = names
+                if _active_names(model) != [name]:
+                    model.set_adapter(name)
+            else:  # a mixed batch: every row names its adapter
+                kw["adapter_names"] = [s.adapter or PEFT_BASE for s in rows]
         out = model(**kw)
         self.steps += 1
         return out.logits[:, -1, :]
@@ -522,6 +538,11 @@ class BatchEngine(_Engine):
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._pending = [], None, None, []
+
+
+def _active_names(model: Any) -> list[str]:
+    a = getattr(model, "active_adapter", None)
+    return [a] if isinstance(a, str) else list(a or [])
 
 
 def _pad_left(t: Any, n: int) -> Any:

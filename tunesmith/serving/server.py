@@ -61,6 +61,9 @@ class ServerOptions(BaseModel):
                                description="When idle, how long a new request waits for others to prefill with it.")
     max_queue: int = Field(256, ge=1, description="Most sequences waiting for a slot; beyond it requests get 429 with Retry-After.")
     max_prefill_tokens: int = Field(4096, ge=1, description="Padded prompt tokens prefilled in one step (at least one request).")
+    join_wait_ms: float = Field(
+        0.0, ge=0, le=60000, description="While a batch runs, how long new requests may wait to prefill together "
+        "(until a quarter of the running rows are waiting); 0: they join at the next step.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens when a request gives none.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -103,7 +106,8 @@ class ModelServer:
         if self.mode == "batched":
             self._self_check()
             self.engine: Any = BatchEngine(self, max_batch_size=opts.max_batch_size, max_queue=opts.max_queue,
-                                           max_wait_ms=opts.max_wait_ms, max_prefill_tokens=opts.max_prefill_tokens)
+                                           max_wait_ms=opts.max_wait_ms, max_prefill_tokens=opts.max_prefill_tokens,
+                                           join_wait_ms=opts.join_wait_ms)
         else:
             self.engine = SerialEngine(self, max_queue=opts.max_queue)
         self.metrics.gauges.update({
