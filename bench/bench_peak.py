@@ -3,7 +3,7 @@
 SmolLM2-135M (hidden 576, MLP 1536, k/v 192, vocabulary 49,152), a batch of
 ``--tokens`` rows (4 x 82 = 328 by default, the quickstart's batch): GFLOP/s of
 ``x @ W`` for each projection shape, fp32 and bf16, with ``torch.get_num_threads()``
-threads (median of ``--repeat`` timed runs after a warm-up). ``bench_train.py``
+threads (the best of ``--repeat`` timed 5-call loops after a warm-up: a peak). ``bench_train.py``
 divides each variant's achieved model FLOP/s by the bf16 figure of the layer
 shapes (``peak_bf16_gflops``) to print its distance to the limit.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -37,11 +36,12 @@ def gflops(m: int, k: int, n: int, dtype: str, repeat: int) -> float:
     for _ in range(3):
         x @ w
     times = []
-    for _ in range(repeat):
+    for _ in range(repeat):  # the best of several 5-call loops: a peak, robust to a shared machine's preemption
         t = time.perf_counter()
-        x @ w
-        times.append(time.perf_counter() - t)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+        for _ in range(5):
+            x @ w
+        times.append((time.perf_counter() - t) / 5)
+    return 2 * m * k * n / min(times) / 1e9
 
 
 def measure(tokens: int = 328, repeat: int = 20) -> dict:
