@@ -28,6 +28,7 @@ SECTIONS = {
     "losses[]": ("LossSpec", "losses", "name"),
     "training": ("TrainingSection", None, None),
     "training.report_to[]": ("LoggerSpec", "loggers", "name"),
+    "training.distributed": ("DistributedSection", None, None),
     "evaluation[]": ("EvaluatorSpec", "evaluators", "name"),
     "export[]": ("ExportSpec", "exporters", "format"),
     "registry": ("RegistrySection", "registry_backends", "backend"),

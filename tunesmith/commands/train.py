@@ -16,14 +16,19 @@ from tunesmith.commands._common import echo_json, json_option, load_cli_config, 
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from the run's last complete checkpoint.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="The run directory (overrides output_dir).")
+@click.option("--ray", "ray_", is_flag=True, help="Train on Ray Train workers (training.distributed.backend=ray).")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None,
+              help="Training processes for --ray / training.distributed (training.distributed.num_workers).")
 @set_option
 @json_option
-def command(config: str, resume: bool, output: str | None, overrides: tuple[str, ...], as_json: bool) -> None:
+def command(config: str, resume: bool, output: str | None, ray_: bool, num_workers: int | None,
+            overrides: tuple[str, ...], as_json: bool) -> None:
     """Fine-tune the model as CONFIG says (sft, cpt, dpo, reward, ppo, grpo).
 
     Writes the run directory: config.yaml, metrics.jsonl, tensorboard/, plots/loss.png,
     checkpoints/ (complete ones only) and final/ (adapter or model, tokenizer,
-    tunesmith.json). Works under `torchrun --nproc_per_node=N` and `accelerate launch`.
+    tunesmith.json). Works under `torchrun --nproc_per_node=N` and `accelerate launch`;
+    `--ray --num-workers N` (or training.distributed) starts the processes itself.
     """
     from tunesmith.cli import get_state
     from tunesmith.core.session import train
@@ -31,7 +36,9 @@ def command(config: str, resume: bool, output: str | None, overrides: tuple[str,
     from tunesmith.cli import attach_run_log
     from tunesmith.core.rundir import RunDir
 
-    cfg = load_cli_config(config, overrides)
+    launch = (("training.distributed.backend=ray",) if ray_ else ()) + (
+        (f"training.distributed.num_workers={num_workers}",) if num_workers else ())
+    cfg = load_cli_config(config, launch + tuple(overrides))
     regs = get_state().registries(tuple(cfg.plugins.disable))
     if output:
         cfg.output_dir = str(Path(output).resolve())

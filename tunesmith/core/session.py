@@ -189,8 +189,10 @@ class TrainingSession:
         """Checks, run directory, resume point, seed; returns the run's context."""
         from transformers import set_seed
 
+        from tunesmith.core.launch import check_launch
         from tunesmith.core.training import CHECKPOINT_RE, last_checkpoint
 
+        check_launch(self.cfg, self.run.root)  # several processes must really be one process group
         self.check()
         run = self.run
         if self.resume:
@@ -472,8 +474,12 @@ class TrainingSession:
 
 def train(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
     """Train as ``cfg`` says (any objective); returns the result (also passed to ``after_train``)."""
+    from tunesmith.core.launch import dispatch
     from tunesmith.core.plugins import activate
 
+    launched = dispatch(cfg, registries, resume=resume, run_dir=run_dir)  # training.distributed: torchrun / ray
+    if launched is not None:
+        return launched
     session = TrainingSession(cfg, registries, resume=resume, run_dir=run_dir)
     with activate(session.registries):  # helpers that look plugins up keep plugins.disable
         session.start()

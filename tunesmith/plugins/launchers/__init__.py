@@ -1,0 +1,1 @@
+"""Plugins about how training processes are launched (the launch guard)."""
