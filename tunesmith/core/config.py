@@ -157,6 +157,32 @@ class LoggerSpec(NamedPlugin):
     __hash__ = None  # type: ignore[assignment]
 
 
+class DistributedSection(Strict):
+    """``training.distributed:`` - who starts the training processes (docs/distributed.md).
+
+    ``none`` trains in this process, or in each process an outside launcher started
+    (``torchrun``, ``accelerate launch``); ``torchrun`` makes tunesmith start
+    ``num_workers`` processes on this machine itself; ``ray`` runs the same session
+    on ``num_workers`` Ray Train workers (``pip install 'tunesmith[ray]'``).
+    """
+
+    backend: Literal["none", "torchrun", "ray"] = Field(
+        "none", description="none: this process (or each process torchrun / accelerate launch started); "
+                            "torchrun: tunesmith starts num_workers processes here; ray: num_workers Ray Train workers.")
+    num_workers: int = Field(2, ge=1, description="Training processes (torchrun, ray); each trains batch_size rows per step.")
+    use_gpu: bool = Field(False, description="ray: one GPU per worker (NCCL) instead of CPU workers (gloo).")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="ray: what each worker reserves, e.g. {CPU: 4, GPU: 1}; unset: {CPU: 1} (and {GPU: 1} with use_gpu).")
+    address: str | None = Field(
+        None, description="ray: the cluster to join (head-node:6379, ray://head-node:10001 or auto); unset: start a local one.")
+    storage: str | None = Field(
+        None, description="ray: where Ray keeps the run's state (a path every node sees, or a URI such as "
+                          "s3://bucket/runs); unset: RUN/ray. Checkpoints stay in RUN/checkpoints: on several nodes put "
+                          "output_dir on a filesystem every node sees.")
+    max_failures: int = Field(
+        3, ge=0, description="ray: restarts of the worker group after a worker dies; each resumes from the last complete checkpoint.")
+
+
 class TrainingSection(Strict):
     """``training:`` - optimisation settings. Defaults follow the brief (SEED-FACTS)."""
 
@@ -205,6 +231,9 @@ class TrainingSection(Strict):
         description="Experiment loggers: names (tensorboard, mlflow, wandb) or {name: mlflow, tracking_uri: ...}; "
                     "unset: the loggers on by default (tensorboard); [] or none: none. jsonl (metrics.jsonl) is always on.",
     )
+
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Who starts the training processes (none, torchrun, ray); docs/distributed.md.")
 
     @field_validator("compile", mode="before")
     @classmethod
