@@ -62,7 +62,9 @@ def _write_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path, Path
     cfg = {
         "name": "tiny-sweep",
         "model": {"source": "hf", "path": str(tiny_model_dir)},
-        "data": {"path": "data/chat.jsonl", "validation_path": "data/chat.jsonl"},  # relative: best.yaml makes them absolute
+        # relative paths: best.yaml makes them absolute; prepared once for all trials (OUT/data)
+        "data": {"path": "data/chat.jsonl", "validation_path": "data/chat.jsonl", "cleaners": [{"name": "normalize"}],
+                 "split": {"train": 1.0, "validation": 0.0, "test": 0.0}},
         "peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "dropout": 0.0},
         "training": {"max_steps": 4, "learning_rate": 1e-2, "batch_size": 8, "gradient_accumulation_steps": 1,
                      "max_length": 48, "logging_steps": 1, "save_steps": 2, "eval_steps": 1, "eval_batch_size": 24,
@@ -146,6 +148,9 @@ def test_sweep_killed_after_two_trials_resumes_to_four(tmp_path: Path, tiny_mode
     for name in ("history", "importance", "intermediate"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text())["counts"] == report["counts"]
+    # every trial trained and evaluated on the one split the sweep prepared
+    assert (out / "data" / "train.jsonl").read_text() == (Path(rows[0]["run_dir"]) / "data" / "train.jsonl").read_text()
+    assert len((out / "data" / "validation.jsonl").read_text().splitlines()) == 24
     # --register: the best trial's model is in the config's registry
     from tunesmith.model_registry.local import ModelRegistry
 

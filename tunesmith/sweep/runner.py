@@ -267,6 +267,53 @@ def trial_config(spec: SweepSpec, params: dict, run_dir: Path, number: int, regi
                            base_dir=base)
 
 
+SPLIT_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl")
+
+
+def shares_data(spec: SweepSpec) -> bool:
+    """Trials share one prepared data set unless the space varies ``data.*``."""
+    return not any(p.key == "data" or p.key.startswith("data.") for p in spec.params())
+
+
+def prepare_shared_data(spec: SweepSpec, say: Callable[[str], None]) -> None:
+    """Load, clean and split the base config's data once into ``OUT/data`` (every trial
+    trains and evaluates on the same rows; a resumed sweep reuses them)."""
+    if not shares_data(spec) or (spec.out / "data" / "train.jsonl").exists():
+        return
+    from tunesmith.core.config import validate_config
+    from tunesmith.core.data_ops import prepare_data
+    from tunesmith.core.plugins import get_registries
+
+    data, lines, base = base_data(spec)
+    regs = get_registries(disable=tuple(spec.disable) + tuple((data.get("plugins") or {}).get("disable") or ()))
+    cfg = validate_config(data, registries=regs, source=spec.config, lines=lines, base_dir=base)
+    tmp = spec.out / "data.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = prepare_data(cfg, regs, tmp)
+    tmp.rename(spec.out / "data")
+    splits = summary.get("splits") or {}
+    shown = ", ".join(f"{k} {v if isinstance(v, int) else (v or {}).get('rows', v)}" for k, v in splits.items())
+    say(f"data prepared once for every trial in {spec.out / 'data'}" + (f" ({shown})" if shown else ""))
+
+
+def link_shared_data(spec: SweepSpec, run_dir: Path) -> None:
+    import shutil
+
+    src = spec.out / "data"
+    if not shares_data(spec) or not (src / "train.jsonl").exists():
+        return
+    dst = run_dir / "data"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SPLIT_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            try:
+                os.link(src / name, dst / name)
+            except OSError:
+                shutil.copyfile(src / name, dst / name)
+
+
 def metric_value(result: dict, metric: str) -> float | None:
     """The trial's value: a key of the training result (``eval_loss``, ``train_loss``,
     ``best_eval_loss``, ...) or an evaluator metric ``evaluator.metric`` (tuned model)."""
@@ -296,6 +343,7 @@ def run_trial(spec: SweepSpec, study: Any, trial: Any, hook: PruningHook, say: C
     t0 = time.time()
     try:
         cfg = trial_config(spec, params, run_dir, trial.number, registries)
+        link_shared_data(spec, run_dir)  # the trial trains on the sweep's prepared split (RUN/data)
         # intermediate values go in the study's direction: a loss is negated when the metric is maximised
         hook.start(trial, spec.prune_on, -1.0 if spec.prune_on != spec.metric and spec.direction == "maximize" else 1.0)
         resume = bool(resume_dir) and any((run_dir / "checkpoints").glob("checkpoint-*"))
@@ -394,6 +442,7 @@ def run_sweep(spec: SweepSpec, *, parallel: int = 1, say: Callable[[str], None] 
                     raise SweepError(f"{spec.out} holds a sweep with another {attr.replace('_', ' ')} "
                                      f"({getattr(old, attr)!r})", hint="use another -o to start a new sweep")
         spec.save()
+        prepare_shared_data(spec, say)
         study = open_study(spec, create=True)
         again = recover_interrupted(study)
         if again:
@@ -429,6 +478,23 @@ def run_sweep(spec: SweepSpec, *, parallel: int = 1, say: Callable[[str], None] 
         lock.release()
 
 
+def _space_line(spec: SweepSpec, key: str) -> int | None:
+    """The line of ``key`` in the space file (a dotted key or nested sections)."""
+    from tunesmith.core.config import read_yaml
+
+    try:
+        _, lines = read_yaml(spec.space_source)
+    except ConfigError:
+        return None
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):  # "a.b.c" as one key, as a: {b.c}, as a: {b: {c}}, ...
+        for split in range(1, i + 1):
+            path = tuple(parts[:split - 1]) + (".".join(parts[split - 1:]),)
+            if path in lines:
+                return lines[path]
+    return None
+
+
 def check_spec(spec: SweepSpec) -> None:
     """Refuse a sweep that cannot work before any trial trains: every key of the space is
     tried against the config (each choice, each end of a range)."""
@@ -449,7 +515,7 @@ def check_spec(spec: SweepSpec) -> None:
                 validate_config(trial_data, registries=regs, source=spec.config, lines=lines, base_dir=base)
             except ConfigError as exc:
                 raise ConfigError(f"{p.key} = {value!r} makes the config invalid: {exc}",
-                                  source=spec.space_source) from None
+                                  source=spec.space_source, line=_space_line(spec, p.key)) from None
     cfg = validate_config(data, registries=regs, source=spec.config, lines=lines, base_dir=base)
     t = cfg.training
     needs_eval = spec.metric.startswith("eval_") or spec.metric == "best_eval_loss" or (spec.pruner != "none" and spec.prune_on.startswith("eval_"))
