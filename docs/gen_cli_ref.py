@@ -42,8 +42,9 @@ time, base vs tuned metrics, artefact paths, registry version). `--from STAGE`
 refuses to start when an earlier stage is not done, and warns when a reused
 stage ran with a different config. Stage names: `data` (also `load`, `clean`,
 `format`, `split`), `train`, `evaluate` (`eval`), `export`, `register`. The
-register stage adds a version to the registry folder `registry.path`
-(`/registry.name` when set) with the tuned model's metrics.
+register stage adds a version with the tuned model's metrics to the registry of
+`registry.backend` (`local`: the folder `registry.path`, `/registry.name` when set;
+`mlflow`: the MLflow Model Registry, docs/tracking.md).
 """
 
 
