@@ -2,7 +2,7 @@
 
 Two entry points, both called by the training session:
 
-* :func:`dispatch` (from :func:`tunesmith.core.session.train`): with
+* :func:`tunesmith.distributed.dispatch` (the ``launch_training`` hook, from :func:`tunesmith.core.session.train`): with
   ``training.distributed.backend: torchrun`` or ``ray`` the session is not run in
   this process but in ``num_workers`` processes tunesmith starts itself (torchrun
   on this machine, or Ray Train workers, :mod:`tunesmith.distributed`); the
@@ -254,32 +254,6 @@ def config_from_payload(payload: dict) -> Any:
     if payload.get("disable"):
         os.environ[ENV_DISABLE] = ",".join(payload["disable"])
     return validate_config(payload["config"], source=payload["source"], base_dir=Path(payload["base_dir"]))
-
-
-# --------------------------------------------------------------------------- dispatch
-def dispatch(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict | None:
-    """Run the session on the configured back-end and return rank 0's result, or None
-    when it runs in this process (``backend: none``, or this process is a worker)."""
-    d = cfg.training.distributed
-    if d.backend == "none" or os.environ.get(ENV_LAUNCHED):
-        return None
-    outer = launcher()
-    if d.backend == "torchrun":
-        if world_size() > 1:
-            return None  # already one of torchrun's (or accelerate's) processes: train as one
-        from tunesmith.distributed.torchrun import run_torchrun
-
-        return run_torchrun(cfg, registries, resume=resume, run_dir=run_dir)
-    if d.backend == "ray":
-        if world_size() > 1:
-            raise LaunchError(
-                f"training.distributed.backend is ray, but {outer} already started {world_size()} processes",
-                hint="start `tunesmith train` once, without torchrun/accelerate launch: Ray starts the workers",
-            )
-        from tunesmith.distributed.ray_train import run_ray
-
-        return run_ray(cfg, registries, resume=resume, run_dir=run_dir)
-    raise LaunchError(f"unknown training.distributed.backend '{d.backend}'")  # pragma: no cover - validated
 
 
 def free_port() -> int:

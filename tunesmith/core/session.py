@@ -474,10 +474,12 @@ class TrainingSession:
 
 def train(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: str | Path | None = None) -> dict:
     """Train as ``cfg`` says (any objective); returns the result (also passed to ``after_train``)."""
-    from tunesmith.core.launch import dispatch
     from tunesmith.core.plugins import activate
 
-    launched = dispatch(cfg, registries, resume=resume, run_dir=run_dir)  # training.distributed: torchrun / ray
+    registries = resolve_registries(cfg, registries)
+    # training.distributed (torchrun, Ray): the launch_training hook starts the processes
+    launched = registries.hook.launch_training(cfg=cfg, registries=registries, resume=resume, run_dir=run_dir) \
+        if registries.hook is not None else None
     if launched is not None:
         return launched
     session = TrainingSession(cfg, registries, resume=resume, run_dir=run_dir)

@@ -48,6 +48,20 @@ def register_reward_functions(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def launch_training(cfg: Any, registries: Any, resume: bool, run_dir: Any) -> dict | None:
+    """Who runs a training whose config asks for other processes (``training.distributed``).
+
+    :param cfg: the validated config.
+    :param registries: the run's registries.
+    :param resume: continue from the last complete checkpoint.
+    :param run_dir: the run directory override, or None.
+    :return: rank 0's result when the implementation started the processes and the
+        training ran there; ``None`` to train in this process (the first non-None
+        result wins; the built-in is ``tunesmith.distributed``: torchrun and Ray).
+    """
+
+
 @hookspec
 def before_train(run: Any) -> None:
     """Called once before the first training step.
