@@ -102,10 +102,12 @@ def check_launch(cfg: Any, run_root: Path) -> dict:
         redirect_output(run_root / "logs" / f"rank-{rk}.out")
     try:
         return _check_group(run_root, ws, rk, who, sharding)
-    except LaunchError:
+    except LaunchError as exc:
         if rk != 0:  # every rank finds the same; let rank 0 say it before the launcher ends the others
             import time
 
+            sys.stderr.write(f"error: {exc}\n")  # into RUN/logs/rank-N.out, in case this rank is ended first
+            sys.stderr.flush()
             time.sleep(5)
         raise
 
@@ -237,7 +239,7 @@ def config_payload(cfg: Any, registries: Any = None, *, resume: bool, run_dir: s
     if registries is not None:
         disabled |= {n for n, p in getattr(registries, "plugins", {}).items() if getattr(p, "status", "") == "disabled"}
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude_unset=True),  # what the file and overrides said
         "source": cfg.source,
         "base_dir": str(Path(cfg.base_dir).resolve()),
         "run_dir": str(root.resolve()),
