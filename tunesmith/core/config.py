@@ -174,7 +174,7 @@ class DistributedSection(Strict):
     resources_per_worker: dict[str, float] | None = Field(
         None, description="ray: what each worker reserves, e.g. {CPU: 4, GPU: 1}; unset: {CPU: 1} (and {GPU: 1} with use_gpu).")
     address: str | None = Field(
-        None, description="ray: the cluster to join (head-node:6379, ray://head-node:10001 or auto); unset: start a local one.")
+        None, description="ray: the cluster to join (head-node:6379 or auto); unset: start a local one.")
     storage: str | None = Field(
         None, description="ray: where Ray keeps the run's state (a path every node sees, or a URI such as "
                           "s3://bucket/runs); unset: RUN/ray. Checkpoints stay in RUN/checkpoints: on several nodes put "

@@ -135,7 +135,7 @@ def run_ray(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: 
         state = _launch_state_class(ray).remote()
         payload["launch_state"] = state
         resources = dict(d.resources_per_worker or ({"CPU": 1, "GPU": 1} if d.use_gpu else {"CPU": 1}))
-        storage = d.storage or str(root / "ray")
+        storage = str(root / "ray") if not d.storage else d.storage if "://" in d.storage else str(cfg.resolve_path(d.storage))
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=payload,
@@ -284,8 +284,15 @@ def _report_callback(run_dir: Path, launch_state: Any = None) -> Any:
                 with tempfile.TemporaryDirectory(prefix="tunesmith-ray-") as tmp:
                     (Path(tmp) / "tunesmith.json").write_text(
                         json.dumps({"run_dir": str(run_dir), "checkpoint": name, "step": step}), encoding="utf-8")
-                    rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+                    _report(rt, metrics, rt.Checkpoint.from_directory(tmp), name)
             else:
-                rt.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+                _report(rt, metrics, None, name)
 
     return ReportCheckpoints()
+
+
+def _report(rt: Any, metrics: dict, checkpoint: Any, name: str) -> None:
+    try:
+        rt.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    except TypeError:  # Ray before checkpoint_dir_name: Ray names the folder itself
+        rt.report(metrics, checkpoint=checkpoint)

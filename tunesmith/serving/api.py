@@ -396,27 +396,28 @@ def create_app(server: "ModelServer", *, api_key: str | None = None) -> Any:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "base": str(server.base_dir or server.base_name), "adapters": sorted(server.adapters),
+        return {"status": "ok", "base": str(server.base_dir or server.base_name), "adapters": sorted(server.adapter_paths()),
                 "registry": str(server.registry.root) if server.registry is not None else None, **server.stats()}
 
     @app.get("/metrics")
     async def metrics() -> Any:
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def _model_card(n: str) -> dict:
+    def _model_card(n: str, paths: dict[str, str]) -> dict:
         return {"id": n, "object": "model", "created": server.created, "owned_by": "tunesmith",
-                "root": BASE_NAME if n == BASE_NAME else server.adapters.get(n, n),
+                "root": BASE_NAME if n == BASE_NAME else paths.get(n, n),
                 "parent": None if n == BASE_NAME else BASE_NAME}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(n) for n in server.names()]}
+        paths = server.adapter_paths()
+        return {"object": "list", "data": [_model_card(n, paths) for n in server.names()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id not in server.names():
             raise ServingError(f"the model '{model_id}' does not exist", status=404, code="model_not_found", param="model")
-        return _model_card(model_id)
+        return _model_card(model_id, server.adapter_paths())
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -442,7 +443,7 @@ def create_app(server: "ModelServer", *, api_key: str | None = None) -> Any:
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict:
-        return {"object": "list", "data": [{"name": n, "path": p} for n, p in sorted(server.adapters.items())]}
+        return {"object": "list", "data": [{"name": n, "path": p} for n, p in sorted(server.adapter_paths().items())]}
 
     @app.post("/v1/adapters")
     def load(req: LoadRequest, request: Request) -> dict:  # blocking: runs in the thread pool

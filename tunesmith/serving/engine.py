@@ -284,13 +284,16 @@ class _Engine:
         if seq.done:
             return
         seq.done = True
-        seq.finish_reason = reason
         seq.t_done = time.perf_counter()
         truncated = reason == "stop" and seq.params.stop and (not seq.tokens or seq.tokens[-1] not in self.eos)
         if not truncated:
             full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
             if not seq.stream or full.startswith(seq.text):
                 seq.text = full
+            hits = [i for i in (seq.text.find(s, seq.sent) for s in seq.params.stop) if i >= 0]
+            if hits:  # a stop string the incremental text had not completed yet
+                seq.text, reason = seq.text[:min(hits)], "stop"
+        seq.finish_reason = reason
         if seq.stream and len(seq.text) > seq.sent:
             seq.sink("delta", seq.text[seq.sent:])
             seq.sent = len(seq.text)

@@ -169,7 +169,13 @@ class ModelServer:
     # -- adapters ------------------------------------------------------------
     def names(self) -> list[str]:
         extra = [ROUTED_NAME] if self.registry is not None else []
-        return [BASE_NAME, *sorted(self.adapters), *extra]
+        with self._state:  # loads and unloads change the dict from other threads
+            loaded = sorted(self.adapters)
+        return [BASE_NAME, *loaded, *extra]
+
+    def adapter_paths(self) -> dict[str, str]:
+        with self._state:
+            return dict(self.adapters)
 
     def load_adapter(self, name: str, path: str | Path) -> dict:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (BASE_NAME, ROUTED_NAME, self.base_name):
