@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu/fsdp2_lora.sh             # 2 processes when 2 GPUs are visible, else 1
 #   NPROC=2 STEPS=20 bash scripts/gpu/fsdp2_lora.sh
+#   DRY_RUN=1 bash scripts/gpu/fsdp2_lora.sh    # no GPU: write the configs, check accelerate and tunesmith accept them
 #
 # What it does, with one seed and one small Llama built from a config (hidden 512,
 # 4 layers, the real SmolLM2 tokenizer; no download):
@@ -30,8 +31,12 @@ WORK=${OUT:-/tmp/fsdp2-lora}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TUNESMITH_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK"
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-if [ "$NGPU" -lt 1 ]; then echo "no CUDA GPU visible: this is the FSDP2 GPU check"; exit 1; fi
-NPROC=${NPROC:-$(( NGPU >= 2 ? 2 : 1 ))}
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  NPROC=${NPROC:-2}; echo "dry run: writing and validating the configs only (GPUs visible: $NGPU)"
+else
+  if [ "$NGPU" -lt 1 ]; then echo "no CUDA GPU visible: this is the FSDP2 GPU check (DRY_RUN=1 checks the configs only)"; exit 1; fi
+  NPROC=${NPROC:-$(( NGPU >= 2 ? 2 : 1 ))}
+fi
 echo "GPUs: $NGPU, processes: $NPROC, steps: $STEPS"
 
 "$PY" - "$WORK" "$STEPS" "$NPROC" <<'PY'
@@ -73,6 +78,24 @@ for name in ("ddp", "fsdp2"):
     d["training"] = {k: v for k, v in d["training"].items() if k in TrainingSection.model_fields}
     p.write_text(yaml.safe_dump(d))
 PY
+# the configs are what accelerate and tunesmith accept (accelerate's own config loader)
+"$PY" - "$WORK" "$NPROC" <<'PY'
+import sys
+from pathlib import Path
+from accelerate.commands.config.config_args import load_config_from_file
+import tunesmith
+work, nproc = Path(sys.argv[1]), int(sys.argv[2])
+acc = load_config_from_file(str(work / "accelerate-fsdp2.yaml"))
+assert type(acc).__name__ == "ClusterConfig" and str(acc.distributed_type).endswith("FSDP"), acc
+assert acc.num_processes == nproc and acc.fsdp_config["fsdp_version"] == 2 and not acc.use_cpu, acc
+print(f"ok   accelerate reads accelerate-fsdp2.yaml: {acc.distributed_type}, {acc.num_processes} processes, "
+      f"fsdp_version {acc.fsdp_config['fsdp_version']}, use_cpu {acc.use_cpu}")
+for name in ("ddp", "fsdp2"):
+    cfg = tunesmith.load_config(work / f"{name}.yaml")
+    print(f"ok   tunesmith reads {name}.yaml: {cfg.objective.name if hasattr(cfg.objective, 'name') else cfg.objective}, "
+          f"peft {cfg.peft.method}, {cfg.training.max_steps} steps")
+PY
+if [ "${DRY_RUN:-0}" = 1 ]; then echo "dry run: configs ok in $WORK"; exit 0; fi
 rm -rf "$WORK/run-ddp" "$WORK/run-fsdp2"
 echo "== DDP reference (torchrun, $NPROC processes)"
 timeout "$TIMEOUT" "$PY" -m torch.distributed.run --nproc-per-node="$NPROC" --master-port=29571 -m tunesmith train "$WORK/ddp.yaml" \
