@@ -38,9 +38,11 @@ def _ctx(cfg: Any, **state: Any) -> RunContext:
 
 @pytest.fixture
 def restore_uri() -> Any:
-    before = mlflow.get_tracking_uri()
+    """mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI: put both back as they were
+    (unset stays unset, or later tests would write to MLflow's default ./mlflow.db)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    mlflow.set_tracking_uri(before)
+    mlflow.set_tracking_uri(before)  # None unsets the variable and MLflow's global
 
 
 def test_params_metrics_artefacts_read_back_and_resume(tmp_path: Path, mlflow_uri: str, restore_uri: Any) -> None:
