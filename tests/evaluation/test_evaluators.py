@@ -65,7 +65,7 @@ def test_generation_is_greedy_and_its_metrics_follow_the_samples(tiny, qa_file, 
     import torch
 
     model, tok = tiny
-    ev, opts = _ev(regs, "generation", path=str(qa_file), max_new_tokens=5, limit=3)
+    ev, opts = _ev(regs, "generation", path=str(qa_file), max_new_tokens=5, limit=3, batch_size=1)
     res = ev.evaluate(model, tok, opts, RunContext(registries=regs))
     m, samples = res["metrics"], res["samples"]
     assert m["rows"] == 3 and len(samples) == 3

@@ -120,7 +120,10 @@ class GenerationOptions(BaseModel):
     path: str | None = Field(None, description="Test set; default: the run's test split (data/test.jsonl).")
     split: Literal["validation", "test"] = Field("test", description="Which split to read when no path is given.")
     max_new_tokens: int = Field(256, ge=1, description="Greedy decoding stops here or at the end-of-sequence token.")
-    batch_size: int = Field(1, ge=1, description="Prompts per generate call; latency is per call, so 1 gives per-request latency.")
+    batch_size: int = Field(
+        8, ge=1,
+        description="Prompts per generate call (left-padded, similar lengths together); latency is per call, so 1 gives per-request latency.",
+    )
     limit: int | None = Field(None, ge=1, description="Evaluate at most this many rows.")
     mode: Literal["auto", "generation", "classification"] = Field(
         "auto", description="classification adds accuracy and macro-F1; auto does so when the answers look like labels."
