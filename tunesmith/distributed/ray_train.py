@@ -158,6 +158,11 @@ def run_ray(cfg: Any, registries: Any = None, *, resume: bool = False, run_dir: 
     finally:
         if started_here:
             ray.shutdown()
+    if report["error"] is not None or error is not None or result is None:  # what the launch did, also when it failed
+        atomic_write_json(root / "launch.json", {"backend": "ray", "workers": d.num_workers,
+                                                 "attempts": report["attempts"], "error": report["error"] or _last_line(error),
+                                                 "wall_s": round(time.time() - t0, 2), "storage": storage,
+                                                 "address": d.address})
     if report["error"] is not None:
         e = report["error"]
         err = TunesmithError(f"{e['message']} (rank {e['rank']} on Ray)")
