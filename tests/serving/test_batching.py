@@ -145,13 +145,14 @@ def test_streaming_deltas_add_up_to_the_text(server: Any, reference: Reference) 
 
 def test_eos_finishes_with_stop(server: Any, reference: Reference) -> None:
     want = reference.tokens("alpha", PROMPTS[0], 8)
-    old = set(server.engine.eos)
-    server.engine.eos = old | {want[3]}  # pretend the 4th token is an end-of-sequence token
+    codec = server.codec("alpha")
+    old = set(codec.eos)
+    codec.eos = old | {want[3]}  # pretend the 4th token is an end-of-sequence token
     try:
         seqs, c = submit(server, "alpha", reference.ids(PROMPTS[0]), max_tokens=8)
         finish(seqs)
     finally:
-        server.engine.eos = old
+        codec.eos = old
     assert seqs[0].finish_reason == "stop" and seqs[0].tokens == want[:want.index(want[3]) + 1]
 
 

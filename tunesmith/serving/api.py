@@ -285,7 +285,8 @@ def create_app(server: "ModelServer", *, api_key: str | None = None) -> Any:
             return sink
 
         params = _params(req)
-        seqs = server.submit(target, prompts, params, n=n, stream=bool(req.stream), sink_for=sink_for, rid=info.get("id"))
+        seqs = server.submit(target, prompts, params, n=n, stream=bool(req.stream), sink_for=sink_for, rid=info.get("id"),
+                             chat=chat)
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         prompt_tokens = sum(len(s.prompt) for s in seqs if s.index % n == 0)
@@ -424,11 +425,11 @@ def create_app(server: "ModelServer", *, api_key: str | None = None) -> Any:
         target = _target(req, request)
         p = req.prompt
         if isinstance(p, str):
-            prompts = [server.encode_text(p)]
+            prompts = [server.encode_text(p, target)]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]  # type: ignore[arg-type]
         elif p:
-            prompts = [server.encode_text(x) if isinstance(x, str) else list(x) for x in p]  # type: ignore[union-attr]
+            prompts = [server.encode_text(x, target) if isinstance(x, str) else list(x) for x in p]  # type: ignore[union-attr]
         else:
             raise ServingError("prompt must not be empty", code="invalid_prompt", param="prompt")
         if len(prompts) * (req.n or 1) > MAX_N * 4:
@@ -438,7 +439,7 @@ def create_app(server: "ModelServer", *, api_key: str | None = None) -> Any:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Any:
         target = _target(req, request)
-        ids = server.encode_chat([m.model_dump() for m in req.messages])
+        ids = server.encode_chat([m.model_dump() for m in req.messages], target)  # the adapter's own template
         return await _run(request, req, target, [ids], chat=True)
 
     @app.get("/v1/adapters")

@@ -49,15 +49,38 @@ PEFT_BASE = "__base__"
 Sink = Callable[[str, Any], None]
 
 
+class Codec:
+    """How one model (the base, or one adapter) turns text into tokens and back: its
+    tokenizer (an adapter's own, saved beside it by training, with the chat template
+    it trained with), the token ids that end its answers (EOS and the template's
+    end-of-turn), the stop strings its template declares for chat, and how many
+    vocabulary rows its logits cover (rows added for another adapter's tokens are
+    never sampled for it)."""
+
+    __slots__ = ("tokenizer", "lock", "engine_tokenizer", "eos", "vocab", "template", "stop")
+
+    def __init__(self, tokenizer: Any, *, eos: "set[int] | list[int]", vocab: int, template: str | None = None,
+                 stop: "tuple[str, ...]" = ()) -> None:
+        self.tokenizer = tokenizer
+        # fast tokenizers mutate their state per call ("Already borrowed" when two threads
+        # encode at once): request threads encode under this lock, the engine has its own copy
+        self.lock = threading.Lock()
+        self.engine_tokenizer = copy.deepcopy(tokenizer)
+        self.eos = set(int(e) for e in eos)
+        self.vocab = int(vocab)
+        self.template = template
+        self.stop = tuple(stop)
+
+
 class Sequence:
     """One choice of one request: its prompt, sampling parameters, progress and sink."""
 
-    __slots__ = ("rid", "index", "model", "adapter", "prompt", "params", "stream", "sink", "tokens", "text", "sent",
-                 "finish_reason", "cancelled", "error", "done", "generator", "detok", "t_submit", "t_start", "t_first",
-                 "t_done")
+    __slots__ = ("rid", "index", "model", "adapter", "prompt", "params", "stream", "sink", "codec", "tokens", "text",
+                 "sent", "finish_reason", "cancelled", "error", "done", "generator", "detok", "t_submit", "t_start",
+                 "t_first", "t_done")
 
     def __init__(self, *, rid: str, index: int, model: str, adapter: str | None, prompt: list[int],
-                 params: SamplingParams, stream: bool, sink: Sink) -> None:
+                 params: SamplingParams, stream: bool, sink: Sink, codec: Codec) -> None:
         self.rid = rid
         self.index = index
         self.model = model  # the public name the response carries
@@ -66,6 +89,7 @@ class Sequence:
         self.params = params
         self.stream = stream
         self.sink = sink
+        self.codec = codec  # the model's tokenizer, end tokens and vocabulary
         self.tokens: list[int] = []
         self.text = ""  # decoded so far (streams and stop strings only), then the final text
         self.sent = 0  # characters of ``text`` already streamed
@@ -185,10 +209,7 @@ class _Engine:
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_queue = max(1, int(max_queue))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
-        self.eos = set(server.eos_ids)
         self.context_limit = server.context_limit
-        # a private copy: a fast tokenizer used from two threads at once fails ("Already borrowed")
-        self.tokenizer = copy.deepcopy(server.tokenizer)
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._closed = False
@@ -245,7 +266,7 @@ class _Engine:
     def _start(self, seq: Sequence) -> None:
         seq.t_start = time.perf_counter()
         if seq.needs_text:
-            seq.detok = _Detokenizer(self.tokenizer)
+            seq.detok = _Detokenizer(seq.codec.engine_tokenizer)
 
     def _accept(self, seq: Sequence, token: int) -> bool:
         """Take one generated token; True when the sequence has finished (and was finished)."""
@@ -254,7 +275,7 @@ class _Engine:
         seq.tokens.append(token)
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
-        finish = "stop" if token in self.eos else None
+        finish = "stop" if token in seq.codec.eos else None
         stops = seq.params.stop
         if seq.detok is not None:
             delta = seq.detok.add(token)
@@ -285,9 +306,9 @@ class _Engine:
             return
         seq.done = True
         seq.t_done = time.perf_counter()
-        truncated = reason == "stop" and seq.params.stop and (not seq.tokens or seq.tokens[-1] not in self.eos)
+        truncated = reason == "stop" and seq.params.stop and (not seq.tokens or seq.tokens[-1] not in seq.codec.eos)
         if not truncated:
-            full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            full = seq.codec.engine_tokenizer.decode(seq.tokens, skip_special_tokens=True)
             if not seq.stream or full.startswith(seq.text):
                 seq.text = full
             hits = [i for i in (seq.text.find(s, seq.sent) for s in seq.params.stop) if i >= 0]
@@ -333,6 +354,12 @@ class _Engine:
         their own torch.Generator (seeded by the request's ``seed``)."""
         import torch
 
+        width = logits.shape[-1]
+        if any(s.codec.vocab < width for s in rows):
+            # rows the base grew for another adapter's added tokens: never this row's tokens
+            limits = torch.tensor([s.codec.vocab for s in rows], device=logits.device)
+            cols = torch.arange(width, device=logits.device)
+            logits = logits.masked_fill(cols[None, :] >= limits[:, None], float("-inf"))
         out = logits.argmax(-1).tolist()
         for i, s in enumerate(rows):
             p = s.params
@@ -374,7 +401,14 @@ class BatchEngine(_Engine):
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._pad = server.tokenizer.pad_token_id if server.tokenizer.pad_token_id is not None else 0
         self._torch = torch
+        from tunesmith.serving.lora_batch import FusedLoRA
+
+        self.fused = FusedLoRA()  # stacked LoRA weights: a mixed batch in four operations per layer
         super().__init__(server, max_batch_size=max_batch_size, max_queue=max_queue, max_wait_ms=max_wait_ms)
+
+    def adapters_changed(self, model: Any) -> None:
+        """Called inside the model gate after an adapter loaded or unloaded."""
+        self.fused.rebuild(model)
 
     def _running(self) -> list[Sequence]:
         return list(self._rows)
@@ -443,6 +477,15 @@ class BatchEngine(_Engine):
         if last_only and self._keep_kw:
             kw[self._keep_kw] = 1
         model = self.server.model
+        if model is not self.server.base and self.fused.ok:
+            # every row with its own adapter through the stacked LoRA weights (lora_batch)
+            self.fused.start([s.adapter for s in rows])
+            try:
+                out = self.server.base(**kw)
+            finally:
+                self.fused.stop()
+            self.steps += 1
+            return out.logits[:, -1, :]
         if model is not self.server.base:  # a PeftModel
             names = {s.adapter for s in rows}
             if len(names) == 1 and None not in names:
@@ -609,7 +652,7 @@ class SerialEngine(_Engine):
         import contextlib
 
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         engine = self
@@ -627,6 +670,11 @@ class SerialEngine(_Engine):
             def end(self) -> None:
                 pass
 
+        class _Vocab(LogitsProcessor):
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                scores[:, seq.codec.vocab:] = float("-inf")
+                return scores
+
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
                 return torch.full((input_ids.shape[0],), seq.done or seq.cancelled, dtype=torch.bool,
@@ -637,9 +685,11 @@ class SerialEngine(_Engine):
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.server.device)
         kwargs: dict[str, Any] = {
             "input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": p.max_tokens,
-            "pad_token_id": self.server.tokenizer.pad_token_id, "eos_token_id": list(self.server.eos_ids),
+            "pad_token_id": self.server.tokenizer.pad_token_id, "eos_token_id": sorted(seq.codec.eos),
             "streamer": _Tokens(), "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
+        if seq.codec.vocab < self.server.vocab_rows():
+            kwargs["logits_processor"] = LogitsProcessorList([_Vocab()])
         if p.temperature > 0:
             kwargs.update(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=None)
         else:

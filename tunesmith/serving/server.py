@@ -17,6 +17,15 @@ continuous batching, where requests for any adapter (and the base) share each
 forward through peft's mixed-adapter batches, so a row only ever sees its own
 adapter. ``mode="serial"`` keeps the older one-request-at-a-time engine.
 
+Prompts as training rendered them: every adapter answers with its own tokenizer, the
+one training saved beside it (:class:`~tunesmith.serving.engine.Codec`): chat
+requests go through that tokenizer's chat template (the one the run trained with,
+the default for base models included) exactly as training rendered prompts
+(:func:`tunesmith.core.render.render_prompt`); its end-of-turn token ends answers;
+when the run added tokens to the vocabulary, the shared base's embeddings grow to
+them and the adapter's trained rows are written into the new rows (other models
+never sample them).
+
 Isolation when adapters change: each adapter gets an internal peft name of its own;
 loading one happens between two engine steps (:class:`~tunesmith.serving.engine.ModelGate`);
 unloading one first takes its name out of routing, lets every request already
@@ -38,7 +47,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.core.errors import TunesmithError
-from tunesmith.serving.engine import BatchEngine, ModelGate, SerialEngine, Sequence, Sink
+from tunesmith.serving.engine import BatchEngine, Codec, ModelGate, SerialEngine, Sequence, Sink
 from tunesmith.serving.metrics import Metrics, log_event
 from tunesmith.serving.types import BASE_NAME, ROUTED_NAME, Generation, SamplingParams, ServingError
 
@@ -99,8 +108,13 @@ class ModelServer:
         self.base_dir: Path | None = None
         # fast tokenizers mutate their state per call ("Already borrowed" when two threads
         # encode at once); request threads encode under this lock, the engine has its own copy
-        self.tok_lock = threading.Lock()
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._base_rows = self.vocab_rows()
+        self.base_codec = self._codec(tokenizer, self._base_rows)
+        self.tok_lock = self.base_codec.lock
+        self._codecs: dict[str, Codec] = {}  # public adapter name -> its tokenizer etc.
+        # vocabulary rows written from adapters' trained tokens: (module, id) -> (adapter, values)
+        self._token_rows: dict[tuple[str, int], tuple[str, Any]] = {}
         self.context_limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.device = next(model.parameters()).device
         if self.mode == "batched":
@@ -166,6 +180,40 @@ class ModelServer:
         except ServingError as exc:
             raise TunesmithError(str(exc)) from None
 
+    def vocab_rows(self) -> int:
+        """Rows of the (shared) input embedding now."""
+        emb = self.base.get_input_embeddings()
+        return int(getattr(emb, "num_embeddings", 0) or emb.weight.shape[0])
+
+    def _codec(self, tokenizer: Any, vocab: int) -> Codec:
+        """A model's codec: its tokenizer, the ids that end its answers (the base's EOS
+        ids, the tokenizer's EOS and the template's end-of-turn and stop tokens) and the
+        template's other stop strings (for chat)."""
+        from tunesmith.core.templates import detect_builtin, stop_tokens
+
+        eos = set(self.eos_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        stops: list[str] = []
+        specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+        for t in stop_tokens(tokenizer) if getattr(tokenizer, "chat_template", None) else []:
+            if t in specials:
+                eos.add(int(tokenizer.convert_tokens_to_ids(t)))
+            elif t not in stops:
+                stops.append(t)
+        name = getattr(tokenizer, "_tunesmith_default_template", None) or detect_builtin(tokenizer)[0]
+        return Codec(tokenizer, eos=eos, vocab=vocab, template=name, stop=tuple(stops))
+
+    def codec(self, name: str) -> Codec:
+        """The codec of a public name (``base`` or an adapter)."""
+        if name in (BASE_NAME, self.base_name):
+            return self.base_codec
+        with self._state:
+            c = self._codecs.get(name)
+        if c is None:
+            raise ServingError(f"the model '{name}' does not exist", status=404, code="model_not_found", param="model")
+        return c
+
     # -- adapters ------------------------------------------------------------
     def names(self) -> list[str]:
         extra = [ROUTED_NAME] if self.registry is not None else []
@@ -193,33 +241,102 @@ class ModelServer:
             if self.mode == "batched" and ptype not in BATCHABLE_PEFT_TYPES:
                 raise ServingError(f"{folder}: {ptype} adapters cannot take part in mixed-adapter batches (LoRA and DoRA can);"
                                    " serve them with --mode serial", code="unsupported_adapter")
+            tokenizer = self._adapter_tokenizer(folder)
             with self._mutation:
                 with self._state:
                     if name in self.adapters:
                         raise ServingError(f"adapter '{name}' is already loaded", status=409, code="adapter_exists")
                 internal = f"adapter_{next(self._counter)}"
-                with self.gate.mutate():
-                    try:
-                        if self.model is self.base:
-                            self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=internal,
-                                                                   is_trainable=False)
-                        else:
-                            self.model.load_adapter(str(folder), adapter_name=internal, is_trainable=False)
-                    except Exception:
-                        self._forget(internal)
-                        raise
-                    self.model.eval()
+                with _TokenRows(folder, cfg) as split:
+                    conflicts = self._token_conflicts(name, split.rows)
+                    if conflicts:
+                        raise ServingError(f"{folder}: its trained rows for token id(s) {conflicts} differ from those of "
+                                           "an adapter already loaded; serve them from separate servers",
+                                           status=409, code="token_conflict")
+                    vocab = max(self._base_rows, len(tokenizer))
+                    with self.gate.mutate():
+                        grown = self._grow(len(tokenizer))  # the run added tokens: as eval, fit the base to them
+                        try:
+                            if self.model is self.base:
+                                self.model = PeftModel.from_pretrained(self.base, str(split.folder), adapter_name=internal,
+                                                                       is_trainable=False)
+                            else:
+                                self.model.load_adapter(str(split.folder), adapter_name=internal, is_trainable=False)
+                        except Exception:
+                            self._forget(internal)
+                            raise
+                        self._write_rows(name, split.rows)
+                        self.model.eval()
+                        self._adapters_changed()
+                codec = self._codec(tokenizer, vocab)
                 with self._state:
                     self.adapters[name] = str(folder)
                     self._peft_names[name] = internal
+                    self._codecs[name] = codec
         except Exception as exc:
             self.metrics.adapter_load("error")
             log_event("adapter_load", name=name, path=str(path), ok=False, error=str(exc))
             raise
         ms = round(1000 * (time.perf_counter() - t0), 1)
         self.metrics.adapter_load("ok")
-        log_event("adapter_load", name=name, path=str(folder), ok=True, ms=ms, peft_type=ptype, r=getattr(cfg, "r", None))
+        log_event("adapter_load", name=name, path=str(folder), ok=True, ms=ms, peft_type=ptype, r=getattr(cfg, "r", None),
+                  chat_template=codec.template, trained_tokens=len(split.ids), grew_embeddings=grown or None)
         return {"name": name, "path": str(folder)}
+
+    def _adapter_tokenizer(self, folder: Path) -> Any:
+        """The tokenizer training saved beside the adapter (with the run's chat template),
+        prepared as ``tunesmith eval`` prepares it; the base's when the folder has none."""
+        if not ((folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists()):
+            return self.tokenizer
+        from transformers import AutoTokenizer
+
+        from tunesmith.core.templates import setup_tokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - a broken tokenizer file
+            raise ServingError(f"{folder}: cannot read the adapter's tokenizer: {type(exc).__name__}: {exc}",
+                               code="invalid_adapter") from None
+        setup_tokenizer(tok, padding_side="left")
+        return tok
+
+    def _token_conflicts(self, name: str, rows: dict[str, tuple[list[int], Any]]) -> list[int]:
+        import torch
+
+        bad = []
+        with self._state:
+            for module, (ids, values) in rows.items():
+                for k, i in enumerate(ids):
+                    have = self._token_rows.get((module, i))
+                    if have is not None and have[0] != name and not torch.equal(have[1], values[k]):
+                        bad.append(i)
+        return sorted(set(bad))
+
+    def _grow(self, size: int) -> bool:
+        """Grow the shared base's embeddings (and a tied head) to ``size`` rows (inside the gate)."""
+        if size <= self.vocab_rows():
+            return False
+        self.base.resize_token_embeddings(size, mean_resizing=False)
+        return True
+
+    def _write_rows(self, name: str, rows: dict[str, tuple[list[int], Any]]) -> None:
+        """The adapter's trained token rows into the base's embedding (and head) rows
+        (peft's trainable tokens replace those rows; nobody else samples them)."""
+        import torch
+
+        for module, (ids, values) in rows.items():
+            weight = self.base.get_submodule(module).weight
+            with torch.no_grad():
+                weight[torch.tensor(ids, device=weight.device)] = values.to(weight.device, weight.dtype)
+            with self._state:
+                for k, i in enumerate(ids):
+                    self._token_rows[(module, i)] = (name, values[k].clone())
+
+    def _adapters_changed(self) -> None:
+        """Inside the gate, after the model's adapters changed."""
+        hook = getattr(self.engine, "adapters_changed", None) if hasattr(self, "engine") else None
+        if hook is not None:
+            hook(self.model)
 
     def _forget(self, internal: str) -> None:
         """Take a half-loaded adapter out again (inside the gate)."""
@@ -230,6 +347,7 @@ class ModelServer:
             self.model = self.base = model.unload()
         else:
             model.delete_adapter(internal)
+        self._adapters_changed()
 
     def unload_adapter(self, name: str) -> dict:
         t0 = time.perf_counter()
@@ -238,6 +356,9 @@ class ModelServer:
                 raise ServingError(f"adapter '{name}' is not loaded", status=404, code="model_not_found")
             path = self.adapters.pop(name)  # no new request is routed to it from here on
             internal = self._peft_names.pop(name)
+            self._codecs.pop(name, None)
+            for key in [k for k, v in self._token_rows.items() if v[0] == name]:
+                del self._token_rows[key]  # the rows stay; no model samples them any more
             deadline = time.monotonic() + self.options.unload_timeout_s
             while self._inflight.get(internal, 0) > 0 and time.monotonic() < deadline:
                 self._state.wait(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -258,6 +379,7 @@ class ModelServer:
                 if internal in _active(model):
                     model.set_adapter(next(n for n in model.peft_config if n != internal))
                 model.delete_adapter(internal)
+            self._adapters_changed()
         self.metrics.adapter_unload()
         log_event("adapter_unload", name=name, path=path, ms=round(1000 * (time.perf_counter() - t0), 1), aborted=aborted)
         return {"name": name, "path": path, "unloaded": True}
@@ -302,7 +424,12 @@ class ModelServer:
         raise ServingError(f"the model '{name}' does not exist", status=404, code="model_not_found", param="model")
 
     # -- prompts ---------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], name: str = BASE_NAME) -> list[int]:
+        """Token ids of a conversation for ``name``, rendered as training rendered it:
+        that model's chat template with the assistant prompt, no extra special tokens."""
+        from tunesmith.core.render import render_prompt
+
+        codec = self.codec(name)
         msgs = []
         for m in messages:
             content = m.get("content")
@@ -310,25 +437,39 @@ class ModelServer:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
             role = "system" if m["role"] == "developer" else m["role"]
             msgs.append({"role": role, "content": content or ""})
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ServingError("the base model's tokenizer has no chat template; use /v1/completions")
-        with self.tok_lock:
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not getattr(codec.tokenizer, "chat_template", None):
+            raise ServingError(f"the model '{name}' has no chat template; use /v1/completions", code="no_chat_template")
+        with codec.lock:
+            text = render_prompt(codec.tokenizer, msgs)
+            return codec.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_text(self, prompt: str) -> list[int]:
-        with self.tok_lock:
-            return self.tokenizer(prompt)["input_ids"]
+    def render_chat(self, messages: list[dict], name: str = BASE_NAME) -> str:
+        """The prompt text :meth:`encode_chat` tokenises (for checks and debugging)."""
+        from tunesmith.core.render import render_prompt
+
+        codec = self.codec(name)
+        with codec.lock:
+            return render_prompt(codec.tokenizer, messages)
+
+    def encode_text(self, prompt: str, name: str = BASE_NAME) -> list[int]:
+        codec = self.codec(name)
+        with codec.lock:
+            return codec.tokenizer(prompt)["input_ids"]
 
     # -- generation --------------------------------------------------------------
     def submit(self, name: str, prompts: list[list[int]], params: SamplingParams, *, n: int = 1, stream: bool = False,
-               sink_for: Callable[[int], Sink], rid: str | None = None) -> list[Sequence]:
+               sink_for: Callable[[int], Sink], rid: str | None = None, chat: bool = False) -> list[Sequence]:
         """Queue ``n`` choices of each prompt for ``name`` (a public name: an adapter or
         ``base``); choice ``j`` of prompt ``i`` is index ``i * n + j`` and sends its events
-        to ``sink_for(index)``. Raises :class:`ServingError` (404, 400, 429)."""
+        to ``sink_for(index)``; ``chat``: the prompts are chat renderings, so the
+        template's stop strings apply too. Raises :class:`ServingError` (404, 400, 429)."""
         if params.max_tokens < 1 or params.max_tokens > self.max_tokens_limit:
             raise ServingError(f"max_tokens must be between 1 and {self.max_tokens_limit}", code="invalid_max_tokens",
                                param="max_tokens")
+        codec = self.codec(name)
+        if chat and codec.stop:
+            params = SamplingParams(params.max_tokens, params.temperature, params.top_p,
+                                    tuple(dict.fromkeys((*params.stop, *codec.stop))), params.seed)
         fixed: list[list[int]] = []
         for ids in prompts:
             if not ids:
@@ -339,7 +480,7 @@ class ModelServer:
             if self.context_limit and len(ids) + params.max_tokens > self.context_limit:
                 raise ServingError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the context length "
                                    f"{self.context_limit}", code="context_length_exceeded", param="max_tokens")
-            vocab = int(getattr(self.base.config, "vocab_size", 0) or 0)
+            vocab = codec.vocab
             if vocab and any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
                 raise ServingError(f"prompt token ids must be integers in [0, {vocab})", code="invalid_prompt", param="prompt")
             fixed.append([int(t) for t in ids])
@@ -349,6 +490,9 @@ class ModelServer:
                 internal = None
             elif name in self._peft_names:
                 internal = self._peft_names[name]
+                if self._codecs.get(name) is not codec:  # unloaded and loaded again meanwhile
+                    raise ServingError(f"the model '{name}' changed while the request was read; retry", status=503,
+                                       code="adapter_reloaded", type_="server_error")
             else:
                 raise ServingError(f"the model '{name}' does not exist", status=404, code="model_not_found", param="model")
             seqs = []
@@ -358,7 +502,7 @@ class ModelServer:
                     if params.seed is not None and j:
                         p = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, params.seed + j)
                     seqs.append(Sequence(rid=rid, index=i * n + j, model=name, adapter=internal, prompt=ids, params=p,
-                                         stream=stream, sink=sink_for(i * n + j)))
+                                         stream=stream, sink=sink_for(i * n + j), codec=codec))
             self._inflight[internal] = self._inflight.get(internal, 0) + len(seqs)
             try:
                 self.engine.submit(seqs)
@@ -471,6 +615,61 @@ def resolve_adapter(path: str | Path) -> Path:
                 raise TunesmithError(f"{cand}: no adapter_model.safetensors (tunesmith serves safetensors only)")
             return cand
     raise TunesmithError(f"no PEFT adapter at {p}", hint="give an adapter folder (adapter_config.json) or a run directory")
+
+
+class _TokenRows:
+    """An adapter whose run added tokens (peft ``trainable_token_indices``): its trained
+    rows, read from the adapter, and a copy of the folder without them for peft (whose
+    trainable-token layers cannot share a model with other adapters, nor take part
+    in mixed batches with them); the rows are written into the base instead.
+    ``folder`` is the adapter itself when it has no such rows."""
+
+    def __init__(self, folder: Path, cfg: Any) -> None:
+        self.src, self.cfg = folder, cfg
+        self.folder = folder
+        self.rows: dict[str, tuple[list[int], Any]] = {}
+        self._tmp: Any = None
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted({i for ids, _ in self.rows.values() for i in ids})
+
+    def __enter__(self) -> "_TokenRows":
+        import json
+        import shutil
+        import tempfile
+
+        tti = getattr(self.cfg, "trainable_token_indices", None)
+        if not tti:
+            return self
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(self.src / "adapter_model.safetensors"))
+        suffix = ".token_adapter.trainable_tokens_delta"
+        keep = {}
+        for key, value in tensors.items():
+            if key.endswith(suffix):
+                module = key[: -len(suffix)].removeprefix("base_model.model.")
+                leaf = module.rsplit(".", 1)[-1]
+                ids = tti.get(leaf) if isinstance(tti, dict) else tti
+                if ids is None or len(ids) != value.shape[0]:
+                    raise ServingError(f"{self.src}: trained token rows {key} do not match trainable_token_indices",
+                                       code="invalid_adapter")
+                self.rows[module] = ([int(i) for i in ids], value)
+            else:
+                keep[key] = value
+        self._tmp = Path(tempfile.mkdtemp(prefix="tunesmith-adapter-"))
+        conf = json.loads((self.src / "adapter_config.json").read_text(encoding="utf-8"))
+        conf["trainable_token_indices"] = None
+        (self._tmp / "adapter_config.json").write_text(json.dumps(conf), encoding="utf-8")
+        save_file(keep, str(self._tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        self.folder = self._tmp
+        self._cleanup = lambda: shutil.rmtree(self._tmp, ignore_errors=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            self._cleanup()
 
 
 def _pick_device(spec: str) -> Any:
