@@ -12,7 +12,13 @@ answer) runs:
   loss loop.
 
 Prints the wall times and the ratios tunesmith / plain, checks that both produce
-the same text, and writes ``bench/results/eval.json``. The machine is shared:
+the same text, and writes ``bench/results/eval.json``.
+
+``--variants fp32:1,bf16:8`` instead times tunesmith's own evaluators (generation
+then perplexity, as the quickstart's evaluation runs them) per dtype and
+generation batch size, interleaved over ``--rounds`` rounds, and prints the median
+seconds per variant, its ratio to the first variant and whether its answers equal
+the first variant's; results in ``bench/results/bench_eval_variants.json``. The machine is shared:
 run it with ``nice`` and read the numbers as measured under load.
 """
 
@@ -41,12 +47,17 @@ def main() -> None:
         "--threads", type=int, default=0,
         help="torch CPU threads (0: torch's default). On a shared, oversubscribed CPU, 1 avoids OpenMP spin-waiting",
     )
+    ap.add_argument("--variants", default="", help="e.g. fp32:1,bf16:8 (dtype:generation batch size): time tunesmith's evaluators per variant")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ppl-rows", type=int, default=32, help="perplexity rows in --variants mode (the quickstart's limit)")
     args = ap.parse_args()
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.variants:
+        return variants(args)
 
     import tunesmith
     from tunesmith.core.config import ModelSection
@@ -138,6 +149,65 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def variants(args: argparse.Namespace) -> None:
+    """tunesmith's generation + perplexity evaluators per dtype and batch size, interleaved."""
+    import statistics
+
+    import torch
+
+    import tunesmith
+    from tunesmith.core.config import ModelSection
+    from tunesmith.core.context import RunContext
+    from tunesmith.core.models import load_model_and_tokenizer
+
+    regs = tunesmith.registry()
+    specs = []
+    for v in args.variants.split(","):
+        dt, _, bs = v.partition(":")
+        specs.append((v, dt, int(bs or 1)))
+    models = {}
+    for _, dt, _ in specs:
+        if dt not in models:
+            models[dt] = load_model_and_tokenizer(ModelSection(source="default"), regs, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dt])
+    ctx = RunContext(registries=regs)
+    gen, ppl = regs.evaluators.get("generation"), regs.evaluators.get("perplexity")
+    times: dict[str, list[float]] = {v: [] for v, _, _ in specs}
+    gen_s: dict[str, list[float]] = {v: [] for v, _, _ in specs}
+    outs: dict[str, list[str]] = {}
+    ppls: dict[str, float] = {}
+    for rnd in range(args.rounds):
+        for v, dt, bs in (specs if rnd % 2 == 0 else specs[::-1]):
+            model, tok = models[dt]
+            t0 = time.perf_counter()
+            g = gen.evaluate(model, tok, gen.Options(path=args.data, limit=args.prompts, max_new_tokens=args.max_new_tokens,
+                                                     batch_size=bs, progress=False), ctx)
+            t1 = time.perf_counter()
+            p = ppl.evaluate(model, tok, ppl.Options(path=args.data, limit=args.ppl_rows, progress=False), ctx)
+            t2 = time.perf_counter()
+            times[v].append(t2 - t0)
+            gen_s[v].append(t1 - t0)
+            outs[v] = [s["output"] for s in g["samples"]]
+            ppls[v] = p["metrics"]["perplexity"]
+            print(f"round {rnd + 1} {v}: generation {t1 - t0:.1f} s, perplexity {t2 - t1:.1f} s", flush=True)
+    first = specs[0][0]
+    base = statistics.median(times[first])
+    print(f"\n{args.prompts} prompts x {args.max_new_tokens} new tokens + perplexity on {args.ppl_rows} rows, "
+          f"median of {args.rounds} interleaved rounds, torch threads {torch.get_num_threads()}")
+    print("| variant (dtype:batch) | generation s | generation + perplexity s | vs first | perplexity | answers = first |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    result = []
+    for v, _, _ in specs:
+        med, gmed = statistics.median(times[v]), statistics.median(gen_s[v])
+        same = sum(a == b for a, b in zip(outs[v], outs[first]))
+        print(f"| {v} | {gmed:.1f} | {med:.1f} | {base / med:.2f}x | {ppls[v]:.4f} | {same}/{len(outs[first])} |")
+        result.append({"variant": v, "generation_s": gen_s[v], "total_s": times[v], "median_total_s": med,
+                       "speedup_vs_first": base / med, "perplexity": ppls[v], "answers_equal_first": same})
+    out = ROOT / "bench" / "results" / "bench_eval_variants.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                               "variants": result, "note": "shared 2-core CPU, other engineers' jobs running"}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ three; real (non-padding) tokens per second and peak RSS for each, and the ratio
 (``precision: auto`` - bf16 compute with the frozen base stored in bf16 where the
 hardware multiplies bf16 natively - and ``compile: auto``);
 ``tunesmith-auto-compiled`` (``--only``) forces ``compile: on``, compile time
-included. For each variant the table prints achieved model FLOP/s and its fraction
+included; ``tunesmith-bf16`` (``--only``) forces ``precision: bf16`` whatever the
+hardware (on a CPU without native bf16 it shows what emulated bf16 costs).
+``--profile-step N`` prints the torch profiler's top ops (self CPU time) of
+training step N of each variant. For each variant the table prints achieved model FLOP/s and its fraction
 of the bf16 matmul peak at the model's layer shapes (``bench_peak.py``).
 
 Part 2 (widely varied lengths): tunesmith with naive padded batches against
@@ -205,10 +208,14 @@ def child(name: str, args: argparse.Namespace) -> None:
                                     fused_linear_cross_entropy=False)
         name = name[: -len("-liger")]
     varied = varied_rows(max(64, args.steps * args.batch * 2))
+    if args.profile_step:
+        profile_one_step(args.profile_step, name)
     if name == "tunesmith":
         out = run_tunesmith(args, padded_rows, False)
     elif name == "tunesmith-auto":  # the new defaults: precision auto (+ compile where it pays)
         out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="auto")
+    elif name == "tunesmith-bf16":  # bf16 forced (frozen base stored in bf16), whatever the hardware
+        out = run_tunesmith(args, padded_rows, False, precision="bf16", compile_mode="off")
     elif name == "tunesmith-auto-compiled":  # precision auto and compile on (compile time included)
         out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="on")
     elif name == "trl":
@@ -227,6 +234,36 @@ def child(name: str, args: argparse.Namespace) -> None:
     print("BENCH-RESULT " + json.dumps(out), flush=True)
 
 
+def profile_one_step(which: int, name: str) -> None:
+    """torch profiler over training step ``which`` (forward + backward, the optimiser
+    step excluded) of whatever trainer the variant runs: the top ops by self CPU time."""
+    import torch
+    import transformers
+
+    orig = transformers.Trainer.training_step
+    calls = {"n": 0}
+
+    def training_step(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] != which:
+            return orig(self, *a, **kw)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = orig(self, *a, **kw)
+        ka = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ka)
+        print(f"PROFILE {name}: step {which}, {total / 1e6:.2f} s self CPU time in all, torch threads {torch.get_num_threads()}")
+        print("| op | self CPU s | share | calls |")
+        print("| --- | --- | --- | --- |")
+        for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]:
+            print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count} |")
+        sys.stdout.flush()
+        return out
+
+    transformers.Trainer.training_step = training_step
+
+
 # --------------------------------------------------------------------------- parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,6 +277,8 @@ def main() -> None:
                          "'tunesmith-auto' always runs precision: auto")
     ap.add_argument("--repeat", type=int, default=1, help="run every variant this many times (interleaved); report the median")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (fraction of peak)")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="print the torch profiler's top ops of this training step (forward + backward) of every variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -252,7 +291,8 @@ def main() -> None:
     for rep in range(args.repeat):  # interleaved, so a slow spell of the machine hits every variant
         for v in variants:
             cmd = [sys.executable, __file__, "--child", v, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--max-length", str(args.max_length), "--r", str(args.r), "--precision", args.precision]
+                   "--max-length", str(args.max_length), "--r", str(args.r), "--precision", args.precision,
+                   "--profile-step", str(args.profile_step)]
             print(f"running {v} ({rep + 1}/{args.repeat}) ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH-RESULT ")), None)
@@ -260,6 +300,9 @@ def main() -> None:
                 print(proc.stdout[-2000:], proc.stderr[-4000:])
                 results[v] = {"error": (proc.stderr or proc.stdout)[-500:]}
                 continue
+            prof = [l for l in proc.stdout.splitlines() if l.startswith(("PROFILE ", "| "))]
+            if prof:
+                print("\n".join(prof), flush=True)
             runs[v].append(json.loads(line[len("BENCH-RESULT "):]))
             print(f"  {v}: {runs[v][-1]}", flush=True)
     for v, rs in runs.items():
@@ -306,13 +349,15 @@ def main() -> None:
             v["model_gflops"] = round(v["tokens_per_s"] * FLOPS_PER_TOKEN / 1e9, 1)
             if peak:
                 v["fraction_of_bf16_peak"] = round(v["model_gflops"] / peak["peak_bf16_gflops"], 4)
-    print("\nvariant                    real tokens/s   train s   peak RSS MB   model GFLOP/s  of bf16 peak"
+                v["fraction_of_fp32_peak"] = round(v["model_gflops"] / peak["peak_fp32_gflops"], 4)
+    print("\nvariant                    real tokens/s   train s   peak RSS MB   model GFLOP/s  of bf16 peak  of fp32 peak"
           + ("   peak GPU MB" if gpu else ""))
     for k, v in results.items():
         if "error" in v:
             print(f"{k:26s} ERROR")
         else:
             frac = f"{100 * v['fraction_of_bf16_peak']:11.1f}%" if "fraction_of_bf16_peak" in v else f"{'-':>12s}"
+            frac += f"{100 * v['fraction_of_fp32_peak']:13.1f}%" if "fraction_of_fp32_peak" in v else f"{'-':>14s}"
             print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f} {v['model_gflops']:15.1f} {frac}"
                   + (f" {v.get('peak_gpu_mb', 0):13.0f}" if gpu else ""))
     if peak:

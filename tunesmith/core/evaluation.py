@@ -481,7 +481,7 @@ def evaluate_run(
             from_adapter = True
             meta["base_model"] += " (the tuned model with its adapters disabled)"
         else:
-            base = models.load_model_and_tokenizer(cfg, registries)
+            base = models.load_model_and_tokenizer(cfg, registries, dtype=_base_dtype(cfg, registries, tuned, info if trained else None))
     ctx.state["base_model"], ctx.state["base_tokenizer"] = (base if base else (None, None))
     report = compare_models(
         base, tuned, specs, registries, Path(out_dir) if out_dir else rd.eval_dir, context=ctx, base_from_adapter=from_adapter,
@@ -491,6 +491,23 @@ def evaluate_run(
     report["metrics"] = {n: r.get("metrics", {}) for n, r in main.items()}
     report["eval_dir"] = str(Path(out_dir) if out_dir else rd.eval_dir)
     return report
+
+
+def _base_dtype(cfg: Any, registries: Any, tuned: Any, info: dict | None) -> Any:
+    """The dtype a separately loaded base model is evaluated in: the tuned model's
+    (both decode the same way), else bf16 where ``training.precision`` would train
+    in bf16 on this machine (native bf16 inference), else the config's ``model.dtype``."""
+    from tunesmith.core.models import pick_dtype
+    from tunesmith.core.precision import resolve_precision
+
+    if getattr(cfg.model, "dtype", "auto") != "auto":
+        return None
+    if tuned is not None:
+        dt = next(tuned[0].parameters()).dtype
+        return dt if dt.is_floating_point else None
+    if info is None and resolve_precision(cfg, registries, quiet=True).store_base_bf16:
+        return pick_dtype("bfloat16")
+    return None
 
 
 def load_any_model(spec: str, registries: Any) -> tuple[Any, Any, str]:
