@@ -102,3 +102,44 @@ def test_failed_adapter_load_is_logged_and_counted(tiny_model_dir: Path, tmp_pat
         assert server.metrics.adapter_loads == {"error": 1}
     failed = [r.fields for r in caplog.records if getattr(r, "event", None) == "adapter_load"]
     assert failed and failed[0]["ok"] is False and "no PEFT adapter" in failed[0]["error"]
+
+
+def test_engine_failure_is_a_500_an_error_line_and_a_count(tiny_model_dir: Path, adapter_runs: dict[str, Path],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A step that raises fails its requests with an OpenAI-style 500, logs one
+    structured ``error`` line naming them, counts ``engine_error``, and the server
+    goes on answering."""
+    from tunesmith.serving.metrics import JsonFormatter
+    from tunesmith.serving.server import ModelServer, create_app
+
+    caplog.set_level(logging.INFO, logger="tunesmith.serving")
+    server = ModelServer.from_paths(tiny_model_dir, {"alpha": adapter_runs["alpha"]}, max_wait_ms=1)
+    real = server.engine._forward
+    calls = {"n": 0}
+
+    def broken(*a, **kw):  # the first forward fails, as a CUDA OOM or a bad kernel would
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected failure")
+        return real(*a, **kw)
+
+    server.engine._forward = broken
+    try:
+        with running(create_app(server)) as url, httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/completions", json={"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 3})
+            assert r.status_code == 500
+            body = r.json()["error"]
+            assert body["code"] == "engine_error" and body["type"] == "server_error" and "injected failure" in body["message"]
+            ok = c.post("/v1/completions", json={"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 3})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            fams = _families(c.get("/metrics").text)
+    finally:
+        server.close()
+    assert _value(fams, "tunesmith_errors", "tunesmith_errors_total", code="engine_error") >= 1
+    errors = [r for r in caplog.records if getattr(r, "event", None) == "error"]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    line = json.loads(JsonFormatter().format(errors[0]))
+    assert line["where"] == "engine_step" and "injected failure" in line["error"] and line["rows"] == 1
+    assert line["requests"] == [r.headers["x-request-id"]] and "Traceback" in line["exception"]
+    failed = [x.fields for x in caplog.records if getattr(x, "event", None) == "request" and x.fields["status"] == 500]
+    assert len(failed) == 1 and failed[0]["error_code"] == "engine_error"

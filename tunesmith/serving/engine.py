@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tunesmith.serving.metrics import log_event
 from tunesmith.serving.types import Generation, SamplingParams, ServingError
 
 # "ModelServer" annotations name tunesmith.serving.server.ModelServer, which imports
@@ -429,7 +430,9 @@ class BatchEngine(_Engine):
                     if self._rows:
                         self._decode()
             except Exception as exc:  # noqa: BLE001 - one bad step must not stop the server
-                log.exception("generation step failed")
+                failed = self._rows + admit
+                log_event("error", logging.ERROR, where="engine_step", error=f"{type(exc).__name__}: {exc}",
+                          rows=len(failed), requests=sorted({s.rid for s in failed}), exc_info=True)
                 self.server.metrics.error("engine_error")
                 err = ServingError(f"generation failed: {type(exc).__name__}: {exc}", status=500, code="engine_error",
                                    type_="server_error")
@@ -641,7 +644,8 @@ class SerialEngine(_Engine):
             try:
                 self._generate(seq)
             except Exception as exc:  # noqa: BLE001
-                log.exception("generation failed")
+                log_event("error", logging.ERROR, where="engine_generate", error=f"{type(exc).__name__}: {exc}", rows=1,
+                          requests=[seq.rid], exc_info=True)
                 self.server.metrics.error("engine_error")
                 self._fail(seq, ServingError(f"generation failed: {type(exc).__name__}: {exc}", status=500,
                                              code="engine_error", type_="server_error"))

@@ -26,8 +26,9 @@ RATE_WINDOW_S = 10.0
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
     """One structured line: ``event`` plus ``fields`` (see :class:`JsonFormatter`)."""
+    exc_info = fields.pop("exc_info", False)
     if log.isEnabledFor(level):
-        log.log(level, event, extra={"event": event, "fields": fields})
+        log.log(level, event, extra={"event": event, "fields": fields}, exc_info=exc_info)
 
 
 class JsonFormatter(logging.Formatter):
