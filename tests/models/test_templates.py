@@ -251,9 +251,31 @@ def test_added_tokens_end_to_end_train_reload_merge_gguf(tiny_model, tmp_path, k
     assert info["template"]["name"] == "llama3" and len(info["template"]["added_tokens"]) == 3
     adapter_cfg = json.loads((final / "adapter_config.json").read_text())
     assert adapter_cfg["trainable_token_indices"] == {"embed_tokens": [49152, 49153, 49154]}
+    # only the trained token rows are saved, not the resized embedding matrix (peft's
+    # save_embedding_layers="auto" would save all 49155 rows here)
+    from safetensors import safe_open
+
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert not [k for k, v in shapes.items() if 49155 in v], shapes
+    rows = {k: v for k, v in shapes.items() if "trainable_tokens" in k}
+    assert list(rows.values()) == [(3, 32)], rows
     model, tok, _ = load_trained(result["run_dir"])
     assert len(tok) == 49155 and "<|eot_id|>" in tok.chat_template
     assert torch.allclose(probe_logits(model, tok), keep_logits.logits, atol=1e-5)
+    # elsewhere, nothing from tunesmith: the base resized to the adapter's tokenizer, plain peft
+    from peft import PeftModel
+
+    tok2 = AutoTokenizer.from_pretrained(final)
+    plain = _model(tiny_model)
+    plain.resize_token_embeddings(len(tok2))
+    plain = PeftModel.from_pretrained(plain, final).eval()
+    ids = tok2.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
+                                   return_dict=True, return_tensors="pt")["input_ids"]
+    assert {49152, 49153} <= set(ids[0].tolist())  # the probe goes through the added rows
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.allclose(probe_logits(plain, tok2), keep_logits.logits, atol=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(export_run(result["run_dir"], "merged", tmp_path / "merged"))
     assert merged.config.vocab_size == 49155
     assert torch.allclose(probe_logits(merged.float(), tok), keep_logits.logits, atol=1e-4)
@@ -261,6 +283,111 @@ def test_added_tokens_end_to_end_train_reload_merge_gguf(tiny_model, tmp_path, k
     gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert gtok.chat_template == tok.chat_template and gtok.convert_tokens_to_ids("<|eot_id|>") == 49154
     assert 'PARAMETER stop "<|eot_id|>"' in path.with_suffix(".Modelfile").read_text()
+
+
+def test_the_runs_template_travels_with_every_artefact(tiny_model, tmp_path, tiny_chat_file):
+    """A template other than the tokenizer's own (gemma, over SmolLM2's ChatML) is
+    recorded in the run and is the one in the adapter folder, the adapter export, the
+    merged model, the GGUF metadata and the Modelfile's TEMPLATE."""
+    import gguf
+    import tunesmith
+    from transformers import AutoTokenizer
+
+    from tunesmith.core.export import export_run
+    from tunesmith.core.registry import member
+    from tunesmith.core.session import train
+    from tunesmith.plugins.chat_templates.gemma import TEMPLATE
+
+    cfg = {"model": {"source": "hf", "path": str(tiny_model)}, "chat_template": "gemma",
+           "data": {"path": str(tiny_chat_file)},
+           "peft": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["q_proj"], "dropout": 0.0},
+           "training": {"max_steps": 1, "batch_size": 2, "max_length": 48, "save_steps": 0, "eval_steps": 0,
+                        "report_to": [], "early_stopping": None, "gradient_checkpointing": False, "precision": "fp32"},
+           "evaluation": [], "output_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    tunesmith.reset_plugins()
+    run = train(tunesmith.load_config(tmp_path / "c.yaml"))["run_dir"]
+    final = Path(run) / "final"
+    rec = json.loads((final / "tunesmith.json").read_text())["template"]
+    import hashlib
+
+    assert rec["name"] == "gemma" and rec["source"] == "config" and rec["end_of_turn"] == "<end_of_turn>"
+    assert rec["sha256"] == hashlib.sha256(TEMPLATE.encode()).hexdigest()
+    assert (final / "chat_template.jinja").read_text(encoding="utf-8") == TEMPLATE
+    adapter = export_run(run, "adapter", tmp_path / "adapter")
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == TEMPLATE
+    merged = export_run(run, "merged", tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(merged).chat_template == TEMPLATE
+    assert json.loads((Path(merged) / "tokenizer_config.json").read_text()).get("chat_template", TEMPLATE) == TEMPLATE
+    path = export_run(run, "gguf", tmp_path / "gguf", options={"type": "q8_0"})
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.chat_template"].contents() == TEMPLATE
+    eot = tunesmith.registry().chat_templates.get("gemma")
+    go = member(eot, "chat_templates", "ollama_template").replace("[[eos_token]]", "<end_of_turn>")
+    modelfile = path.with_suffix(".Modelfile").read_text()
+    assert f'TEMPLATE """{go}"""' in modelfile and 'PARAMETER stop "<end_of_turn>"' in modelfile
+    assert "<|im_start|>" not in modelfile  # not the tokenizer's own ChatML
+
+
+def test_eval_renders_prompts_with_the_runs_template(tiny_model, tmp_path, tiny_chat_file, monkeypatch):
+    """`tunesmith eval` of a run trained with gemma (the tokenizer's own is ChatML)
+    prompts the tuned model and its base (adapters disabled) with gemma, exactly as
+    training rendered those rows."""
+    import tunesmith
+    from tunesmith.cli import main
+    from tunesmith.core import evalset, render
+
+    base = {"model": {"source": "hf", "path": str(tiny_model)}, "chat_template": "gemma",
+            "data": {"path": str(tiny_chat_file)},
+            "peft": {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["q_proj"], "dropout": 0.0},
+            "training": {"max_steps": 1, "batch_size": 2, "max_length": 256, "save_steps": 0, "eval_steps": 0,
+                         "report_to": [], "early_stopping": None, "gradient_checkpointing": False,
+                         "precision": "fp32"},
+            "evaluation": [], "output_dir": str(tmp_path / "run")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    trained = _spy_training_prompts(monkeypatch, render)
+    tunesmith.reset_plugins()
+    _cli(main, ["train", str(tmp_path / "c.yaml")])
+    # gemma's form (after the tokenizer's BOS), not the tokenizer's own ChatML turns
+    assert trained and all(p.endswith("<end_of_turn>\n<start_of_turn>model\n") and "<|im_end|>" not in p
+                           for p in trained.values())
+    base["evaluation"] = [{"name": "generation", "path": str(tiny_chat_file), "limit": 2, "max_new_tokens": 1}]
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    prompts = _spy_eval_prompts(monkeypatch, evalset)
+    _cli(main, ["eval", str(tmp_path / "e.yaml")])
+    assert len(prompts) == 4  # two rows, tuned and base
+    for user, prompt in prompts:
+        assert prompt == trained[user], (prompt, trained[user])
+
+
+def _spy_training_prompts(monkeypatch, render) -> dict:
+    """{first user message: the prompt text training rendered} (everything before the first label)."""
+    seen: dict = {}
+    original = render.render_chat
+
+    def spy(tokenizer, messages, **kw):
+        out = original(tokenizer, messages, **kw)
+        first = next(i for i, lab in enumerate(out["labels"]) if lab != render.IGNORE_INDEX)
+        user = next(m["content"] for m in messages if m["role"] == "user")
+        seen.setdefault(user, tokenizer.decode(out["input_ids"][:first]))
+        return out
+
+    monkeypatch.setattr(render, "render_chat", spy)
+    return seen
+
+
+def _spy_eval_prompts(monkeypatch, evalset) -> list:
+    """[(first user message, prompt)] as the evaluators render them."""
+    seen: list = []
+    original = evalset.render_prompt
+
+    def spy(tokenizer, messages, **kw):
+        text = original(tokenizer, messages, **kw)
+        seen.append((next(m["content"] for m in messages if m["role"] == "user"), text))
+        return text
+
+    monkeypatch.setattr(evalset, "render_prompt", spy)
+    return seen
 
 
 def _cli(main, args):
@@ -284,11 +411,14 @@ def test_cli_base_model_without_template_trains_and_evaluates_with_it(tmp_path, 
     quick = Path(__file__).resolve().parents[2] / "examples" / "data" / "quickstart.jsonl"
     cfg = {"model": {"source": "hf", "path": str(base)}, "data": {"path": str(quick)},
            "peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "dropout": 0.0},
-           "training": {"max_steps": 2, "batch_size": 2, "max_length": 96, "save_steps": 0, "eval_steps": 0,
+           "training": {"max_steps": 2, "batch_size": 2, "max_length": 256, "save_steps": 0, "eval_steps": 0,
                         "report_to": [], "early_stopping": None, "gradient_checkpointing": False, "precision": "fp32"},
            "evaluation": [{"name": "generation", "path": str(quick), "limit": 2, "max_new_tokens": 2}],
            "output_dir": str(tmp_path / "run")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    from tunesmith.core import render
+
+    trained = _spy_training_prompts(monkeypatch, render)
     _cli(main, ["train", str(tmp_path / "c.yaml")])
     out = capsys.readouterr().out
     assert sum("chat template:" in line for line in out.splitlines()) == 1 and "'alpaca'" in out
@@ -299,15 +429,10 @@ def test_cli_base_model_without_template_trains_and_evaluates_with_it(tmp_path, 
     assert info["template"]["source"] == "default" and info["template"]["name"] == "alpaca"
     assert (tmp_path / "run" / "logs" / "tunesmith.log").exists()
 
-    prompts: list[str] = []
-    original = evalset.render_prompt
-
-    def spy(tokenizer, messages, **kw):
-        text = original(tokenizer, messages, **kw)
-        prompts.append(text)
-        return text
-
-    monkeypatch.setattr(evalset, "render_prompt", spy)
+    prompts = _spy_eval_prompts(monkeypatch, evalset)
     _cli(main, ["eval", str(tmp_path / "c.yaml")])
     assert len(prompts) == 4  # two rows, tuned and base
-    assert all(p.startswith("Below is an instruction") and p.endswith("### Response:\n") for p in prompts)
+    assert all(p.startswith("Below is an instruction") and p.endswith("### Response:\n") for _, p in prompts)
+    # exactly the prompt text training rendered for those rows (everything before the first label)
+    for user, prompt in prompts:
+        assert prompt == trained[user], (prompt, trained[user])
