@@ -217,3 +217,50 @@ def test_sigkill_then_resume_in_bf16(make_cfg: Any, tmp_path: Path, monkeypatch:
     assert w_ref.keys() == w_res.keys()
     diff = max((w_ref[k] - w_res[k]).abs().max().item() for k in w_ref)
     assert diff < 1e-6, diff
+
+
+def test_grpo_on_a_bf16_cpu_runs_under_autocast(tmp_path: Path, monkeypatch: Any, tiny_tokenizer_dir: Path) -> None:
+    """precision auto on a bf16-capable CPU stores the GRPO policy's frozen base in
+    bf16; the trainer must then run it under bf16 autocast (as SFT does), not as
+    bf16 weights with autocast off."""
+    import torch
+
+    import tunesmith
+    from tests.rl.conftest import PROMPTS, build_rl_tiny_model
+    from tests.rl.test_train import rl_config
+    from tunesmith.core import precision
+    from tunesmith.core.session import train
+
+    monkeypatch.setattr(precision, "detect_hardware", lambda: _hw(**AMX))
+    monkeypatch.setattr(precision, "MIN_CPU_BF16_HIDDEN", 32)
+    model_dir = build_rl_tiny_model(tmp_path / "model", tiny_tokenizer_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
+    from trl import GRPOTrainer
+
+    seen: list[tuple] = []
+    orig = GRPOTrainer._compute_loss
+
+    def _compute_loss(self: Any, model: Any, *a: Any, **kw: Any) -> Any:
+        autocast: list[bool] = []  # inside the policy's forward (accelerate wraps it in autocast)
+        layer = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        hook = layer.register_forward_pre_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+        try:
+            out = orig(self, model, *a, **kw)
+        finally:
+            hook.remove()
+        seen.append((self.args.bf16, bool(autocast) and all(autocast),
+                     {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "lora_" not in n},
+                     {p.dtype for p in model.parameters() if p.requires_grad}))
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", _compute_loss)
+    cfg = tunesmith.validate_config(rl_config(model_dir, prompts, tmp_path / "run", "grpo", r"^(?:a)\b", batch_size=8, num_generations=4))
+    cfg.training.max_steps = 1
+    cfg.training.save_steps = 0
+    cfg.training.precision = "auto"
+    result = train(cfg)
+    assert result["steps"] == 1 and seen
+    bf16_args, autocast, frozen, trained = seen[0]
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}  # the base (TRL's frozen 'ref' adapter aside)
+    assert bf16_args and autocast

@@ -129,6 +129,7 @@ def run_trl_policy(
     from transformers import TrainerCallback
 
     from tunesmith.core.rewards import RewardSet, curve_summary, load_prompts, max_steps, plot_rl
+    from tunesmith.core.precision import resolve_precision
     from tunesmith.core.training import SafeCheckpoints, precision_flags
 
     cfg, run, ctx = session.cfg, session.run, session.context
@@ -168,7 +169,9 @@ def run_trl_policy(
         report_to="none",
         disable_tqdm=True,
         log_completions=False,
-        **precision_flags(t.precision),
+        # the session's resolved choice: where it stored the frozen base in bf16 (precision auto on a
+        # bf16-capable CPU), the policy runs under bf16 autocast as SFT does, not bf16 weights without it
+        **precision_flags(resolve_precision(cfg, session.registries, model_dir=session.base_dir, quiet=True)),
         **config,
     )
 
