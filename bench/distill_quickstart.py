@@ -57,13 +57,23 @@ def _numbers(run: Path, kind: str) -> dict:
     }
 
 
-def student(kind: str, teacher: Path, out: Path, steps: int, divergence: str, temperature: float) -> dict:
-    """Train and evaluate one student on the teacher's split; returns its numbers."""
-    import tunesmith
+def _quickstart(model: Path | None) -> dict:
+    """examples/quickstart.yaml as a mapping; ``model``: an HF folder instead of the default model (a plumbing check)."""
     from tunesmith.core.config import read_yaml
 
     data, _ = read_yaml(QUICKSTART)
     data = json.loads(json.dumps(data))
+    if model is not None:
+        data["model"] = {"source": "hf", "path": str(model)}
+    return data
+
+
+def student(kind: str, teacher: Path, out: Path, steps: int, divergence: str, temperature: float,
+            model: Path | None = None) -> dict:
+    """Train and evaluate one student on the teacher's split; returns its numbers."""
+    import tunesmith
+
+    data = _quickstart(model)
     data["output_dir"] = str(out)
     data["data"]["path"] = str(teacher / "data" / "train.jsonl")
     data["training"].update(max_steps=steps, eval_steps=0, save_steps=0)
@@ -90,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-distill")
     ap.add_argument("--report-only", action="store_true", help="re-read finished runs under --out, train nothing")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "distill_quickstart.json")
+    ap.add_argument("--model", type=Path, help="an HF model folder instead of the default model (a quick plumbing check)")
+    ap.add_argument("--teacher-steps", type=int, help="override the teacher's max_steps (default: the quickstart's 80)")
     args = ap.parse_args(argv)
 
     import tunesmith
-    from tunesmith.core.config import read_yaml
 
     args.out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher
@@ -102,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         teacher = args.out / "teacher"
     if teacher is None:
         teacher = args.out / "teacher"
-        data, _ = read_yaml(QUICKSTART)
-        data = json.loads(json.dumps(data))
+        data = _quickstart(args.model)
+        if args.teacher_steps:
+            data["training"]["max_steps"] = args.teacher_steps
         data["output_dir"] = str(teacher)
         data["evaluation"] = EVALUATION
         data["registry"] = {"enabled": False}
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             rows[kind] = _numbers(args.out / kind, kind)
         else:
-            rows[kind] = student(kind, teacher, args.out / kind, args.steps, args.divergence, args.temperature)
+            rows[kind] = student(kind, teacher, args.out / kind, args.steps, args.divergence, args.temperature, args.model)
         print(kind, rows[kind], flush=True)
     out = {"teacher_run": str(teacher), "steps": args.steps, "divergence": args.divergence,
            "temperature": args.temperature, "test_prompts": 20, "teacher_wall_s": round(teacher_s, 1), "models": rows}

@@ -116,3 +116,18 @@ def test_rloo_config_errors(rl_model_dir: Path, prompts_file: Path, tmp_path: Pa
         train(tunesmith.validate_config(bad))
     with pytest.raises(ConfigError, match="loss_type"):
         tunesmith.validate_config(rl_config(rl_model_dir, prompts_file, tmp_path / "r", "grpo", "x", loss_type="gspo"))
+
+
+def test_grpo_variants_example_validates() -> None:
+    """examples/grpo_variants.yaml (GSPO as shipped) and the variants its header names validate."""
+    root = Path(__file__).resolve().parents[2] / "examples" / "grpo_variants.yaml"
+    cfg = tunesmith.load_config(root)
+    assert cfg.objective.name == "grpo"
+    section = cfg.model_dump()["objective"]
+    assert section["loss_type"] == "grpo" and section["importance_sampling_level"] == "sequence", section
+    for sets in (["objective.loss_type=dapo", "objective.epsilon_high=0.28", "objective.mask_truncated_completions=true"],
+                 ["objective.loss_type=dr_grpo", "objective.scale_rewards=none"], ["objective.loss_type=bnpo"]):
+        other = tunesmith.load_config(root, overrides=["objective.importance_sampling_level=token", *sets])
+        assert other.model_dump()["objective"]["loss_type"] == sets[0].split("=")[1]
+    with pytest.raises(ConfigError, match="loss_type"):
+        tunesmith.load_config(root, overrides=["objective.loss_type=gspo"])
