@@ -128,8 +128,8 @@ def run_trl_policy(
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from tunesmith.core.rewards import RewardSet, curve_summary, load_prompts, max_steps, plot_rl
     from tunesmith.core.precision import resolve_precision
+    from tunesmith.core.rewards import RewardSet, curve_summary, load_prompts, max_steps, plot_rl
     from tunesmith.core.training import SafeCheckpoints, precision_flags
 
     cfg, run, ctx = session.cfg, session.run, session.context
