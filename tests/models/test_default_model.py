@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.models.test_llamacpp import HAVE_LLAMACPP, llamacpp
+from tests.models.test_llamacpp import HAVE_LLAMACPP, SKIP_REASON, llamacpp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500),
-              pytest.mark.skipif(not HAVE_LLAMACPP, reason="llama-cpp-python is not installed (pip install 'tunesmith[llamacpp]')")]
+              pytest.mark.skipif(not HAVE_LLAMACPP, reason=SKIP_REASON)]
 
 CONV = [{"role": "user", "content": "Route this support ticket.\n\nMy invoice is wrong."}]
 

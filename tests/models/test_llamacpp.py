@@ -27,8 +27,11 @@ try:
 except ImportError:  # pragma: no cover - depends on the extra
     HAVE_LLAMACPP = False
 
+#: printed by pytest (-ra) where the tier skips, as in CI, which does not install the extra
+SKIP_REASON = ("llama.cpp tier skipped: llama-cpp-python is not installed (the optional extra: "
+               "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\" pip install 'tunesmith[llamacpp]')")
 pytestmark = [
-    pytest.mark.skipif(not HAVE_LLAMACPP, reason="llama-cpp-python is not installed (pip install 'tunesmith[llamacpp]')"),
+    pytest.mark.skipif(not HAVE_LLAMACPP, reason=SKIP_REASON),
     pytest.mark.timeout(300),
 ]
 PROBE_SCRIPT = Path(__file__).with_name("llamacpp_probe.py")
