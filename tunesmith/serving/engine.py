@@ -5,7 +5,8 @@ thread owns the model and loops over *steps*. Before each step it admits waiting
 requests (up to ``max_batch_size`` rows and ``max_prefill_tokens`` padded prompt
 tokens), prefills them together and merges their key/value cache into the running
 batch; then one forward computes the next token of every running sequence, whatever
-its adapter (peft's mixed-adapter batches, ``adapter_names=``). A sequence that hits
+its adapter (the stacked LoRA weights of :mod:`tunesmith.serving.lora_batch`;
+peft's mixed-adapter batches, ``adapter_names=``, where those do not apply). A sequence that hits
 EOS, a stop string or its ``max_tokens`` leaves the batch at once and its slot is
 free for the next step; so does a cancelled one (a client that went away).
 
@@ -54,20 +55,22 @@ class Codec:
     """How one model (the base, or one adapter) turns text into tokens and back: its
     tokenizer (an adapter's own, saved beside it by training, with the chat template
     it trained with), the token ids that end its answers (EOS and the template's
-    end-of-turn), the stop strings its template declares for chat, and how many
+    end-of-turn), the template's other stop tokens and stop strings (chat requests
+    only), and how many
     vocabulary rows its logits cover (rows added for another adapter's tokens are
     never sampled for it)."""
 
-    __slots__ = ("tokenizer", "lock", "engine_tokenizer", "eos", "vocab", "template", "stop")
+    __slots__ = ("tokenizer", "lock", "engine_tokenizer", "eos", "chat_eos", "vocab", "template", "stop")
 
     def __init__(self, tokenizer: Any, *, eos: "set[int] | list[int]", vocab: int, template: str | None = None,
-                 stop: "tuple[str, ...]" = ()) -> None:
+                 stop: "tuple[str, ...]" = (), chat_eos: "set[int] | list[int]" = ()) -> None:
         self.tokenizer = tokenizer
         # fast tokenizers mutate their state per call ("Already borrowed" when two threads
         # encode at once): request threads encode under this lock, the engine has its own copy
         self.lock = threading.Lock()
         self.engine_tokenizer = copy.deepcopy(tokenizer)
         self.eos = set(int(e) for e in eos)
+        self.chat_eos = set(int(e) for e in chat_eos)
         self.vocab = int(vocab)
         self.template = template
         self.stop = tuple(stop)
@@ -76,12 +79,12 @@ class Codec:
 class Sequence:
     """One choice of one request: its prompt, sampling parameters, progress and sink."""
 
-    __slots__ = ("rid", "index", "model", "adapter", "prompt", "params", "stream", "sink", "codec", "tokens", "text",
+    __slots__ = ("rid", "index", "model", "adapter", "prompt", "params", "stream", "sink", "codec", "eos", "tokens", "text",
                  "sent", "finish_reason", "cancelled", "error", "done", "generator", "detok", "t_submit", "t_start",
                  "t_first", "t_done")
 
     def __init__(self, *, rid: str, index: int, model: str, adapter: str | None, prompt: list[int],
-                 params: SamplingParams, stream: bool, sink: Sink, codec: Codec) -> None:
+                 params: SamplingParams, stream: bool, sink: Sink, codec: Codec, chat: bool = False) -> None:
         self.rid = rid
         self.index = index
         self.model = model  # the public name the response carries
@@ -91,6 +94,7 @@ class Sequence:
         self.stream = stream
         self.sink = sink
         self.codec = codec  # the model's tokenizer, end tokens and vocabulary
+        self.eos = codec.eos | codec.chat_eos if chat else codec.eos  # the token ids that end it
         self.tokens: list[int] = []
         self.text = ""  # decoded so far (streams and stop strings only), then the final text
         self.sent = 0  # characters of ``text`` already streamed
@@ -276,7 +280,7 @@ class _Engine:
         seq.tokens.append(token)
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
-        finish = "stop" if token in seq.codec.eos else None
+        finish = "stop" if token in seq.eos else None
         stops = seq.params.stop
         if seq.detok is not None:
             delta = seq.detok.add(token)
@@ -307,7 +311,7 @@ class _Engine:
             return
         seq.done = True
         seq.t_done = time.perf_counter()
-        truncated = reason == "stop" and seq.params.stop and (not seq.tokens or seq.tokens[-1] not in seq.codec.eos)
+        truncated = reason == "stop" and seq.params.stop and (not seq.tokens or seq.tokens[-1] not in seq.eos)
         if not truncated:
             full = seq.codec.engine_tokenizer.decode(seq.tokens, skip_special_tokens=True)
             if not seq.stream or full.startswith(seq.text):
@@ -689,7 +693,7 @@ class SerialEngine(_Engine):
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.server.device)
         kwargs: dict[str, Any] = {
             "input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": p.max_tokens,
-            "pad_token_id": self.server.tokenizer.pad_token_id, "eos_token_id": sorted(seq.codec.eos),
+            "pad_token_id": self.server.tokenizer.pad_token_id, "eos_token_id": sorted(seq.eos),
             "streamer": _Tokens(), "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
         if seq.codec.vocab < self.server.vocab_rows():

@@ -187,22 +187,25 @@ class ModelServer:
 
     def _codec(self, tokenizer: Any, vocab: int) -> Codec:
         """A model's codec: its tokenizer, the ids that end its answers (the base's EOS
-        ids, the tokenizer's EOS and the template's end-of-turn and stop tokens) and the
-        template's other stop strings (for chat)."""
-        from tunesmith.core.templates import detect_builtin, stop_tokens
+        ids, the tokenizer's EOS, which tunesmith makes the template's end-of-turn, and
+        that end-of-turn token), and for chat requests the template's other stop tokens
+        and stop strings (:func:`tunesmith.core.templates.stop_tokens`)."""
+        from tunesmith.core.templates import detect_builtin, end_of_turn_token, stop_tokens
 
         eos = set(self.eos_ids)
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
+        for t in (tokenizer.eos_token, end_of_turn_token(tokenizer)):
+            if t is not None and tokenizer.convert_tokens_to_ids(t) is not None:
+                eos.add(int(tokenizer.convert_tokens_to_ids(t)))
+        chat_eos: set[int] = set()
         stops: list[str] = []
         specials = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
         for t in stop_tokens(tokenizer) if getattr(tokenizer, "chat_template", None) else []:
             if t in specials:
-                eos.add(int(tokenizer.convert_tokens_to_ids(t)))
+                chat_eos.add(int(tokenizer.convert_tokens_to_ids(t)))
             elif t not in stops:
                 stops.append(t)
         name = getattr(tokenizer, "_tunesmith_default_template", None) or detect_builtin(tokenizer)[0]
-        return Codec(tokenizer, eos=eos, vocab=vocab, template=name, stop=tuple(stops))
+        return Codec(tokenizer, eos=eos, vocab=vocab, template=name, stop=tuple(stops), chat_eos=chat_eos - eos)
 
     def codec(self, name: str) -> Codec:
         """The codec of a public name (``base`` or an adapter)."""
@@ -502,7 +505,7 @@ class ModelServer:
                     if params.seed is not None and j:
                         p = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, params.seed + j)
                     seqs.append(Sequence(rid=rid, index=i * n + j, model=name, adapter=internal, prompt=ids, params=p,
-                                         stream=stream, sink=sink_for(i * n + j), codec=codec))
+                                         stream=stream, sink=sink_for(i * n + j), codec=codec, chat=chat))
             self._inflight[internal] = self._inflight.get(internal, 0) + len(seqs)
             try:
                 self.engine.submit(seqs)
