@@ -10,9 +10,10 @@ command in its own process tree, interleaved ``--repeat`` times:
 * ``ray``: ``--ray --num-workers 2``, a local Ray cluster started by the run
   (or ``--ray-address`` to join one that is already up: start-up without the cluster).
 
-Columns: tokens/s *once started* (real tokens of both processes per second of the
-Trainer's loop, from ``metrics.jsonl``: between the end of step 2 and the last
-step, so the first steps' warm-up is not counted), the same over the whole loop,
+Columns: tokens/s *once started* (input tokens of both processes as the Trainer
+counts them, ``num_input_tokens_seen`` in ``metrics.jsonl``, per second of the
+Trainer's loop between the end of step 2 and the last step, so the first steps'
+warm-up is not counted), the same over the whole loop,
 and start-up (wall time of the command minus the training loop: processes,
 imports, the Ray cluster and worker group, the model load, the final save).
 Goal: Ray within 15% of torchrun once started. Writes bench/results/bench_distributed.json.
