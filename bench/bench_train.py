@@ -277,6 +277,7 @@ def main() -> None:
                          "'tunesmith-auto' always runs precision: auto")
     ap.add_argument("--repeat", type=int, default=1, help="run every variant this many times (interleaved); report the median")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (fraction of peak)")
+    ap.add_argument("--peak-json", help="take the peak from this bench_peak.py result (bench/results/bench_peak.json) instead of measuring it")
     ap.add_argument("--profile-step", type=int, default=0,
                     help="print the torch profiler's top ops of this training step (forward + backward) of every variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -339,7 +340,9 @@ def main() -> None:
         ratios["best_length_mode_vs_naive"] = round(best / tps("varied-naive"), 3)
     gpu = any("peak_gpu_mb" in v for v in results.values())
     peak = None
-    if not gpu and not args.no_peak:  # the bf16 matmul peak at the model's layer shapes (bench_peak.py)
+    if not gpu and args.peak_json:
+        peak = json.loads(Path(args.peak_json).read_text())
+    elif not gpu and not args.no_peak:  # the bf16 matmul peak at the model's layer shapes (bench_peak.py)
         sys.path.insert(0, str(ROOT / "bench"))
         from bench_peak import measure
 
