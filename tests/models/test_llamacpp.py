@@ -74,6 +74,14 @@ def test_llamacpp_reads_every_type(arch, arch_dirs, tmp_path):
         files.append({"model": path})
     results = llamacpp(files, generate=4)
     scale = float(np.abs(ref).max())
+    import gguf
+
+    for qtype, res, f in zip(TOLERANCE, results, files):
+        got = np.array(res["scores"])
+        diff = float(np.abs(got - ref).max())
+        kinds = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(f["model"])).tensors if len(t.shape) > 1})
+        # shown by `pytest -rP`: docs/models.md's per-type table comes from these lines
+        print(f"{arch} {qtype}: max logit diff / largest logit {diff / scale:.3f}; 2-D tensor types {kinds}")
     for qtype, res in zip(TOLERANCE, results):
         assert res["ids"] == ids, f"{arch} {qtype}: llama.cpp tokenises differently"
         got = np.array(res["scores"])
