@@ -5,7 +5,6 @@ keeps it; --verbose shows it)."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -45,9 +44,7 @@ def test_missing_data_is_reported_before_any_model_loads(command, tmp_path, caps
     from tunesmith.cli import main
 
     cfg = _config(tmp_path)
-    t0 = time.time()
-    err = _fails(main, [command, str(cfg)], capsys)
-    assert time.time() - t0 < 10
+    err = _fails(main, [command, str(cfg)], capsys)  # no_model_load: loading a model would fail the test
     line = err.strip().splitlines()[0]
     if command == "eval":
         assert "evaluation.0.path: the perplexity evaluator's file not found" in line and "also-missing.jsonl" in line

@@ -17,8 +17,11 @@
   ``steps x tokens per step x (eager - compiled seconds per token) > 1.5 x compile
   seconds``. The costs and gains are *measured* by earlier runs of the same model
   shape on this machine (``inductor/tunesmith-compile.json``: each run records its
-  steady step time per token and, when compiled, the compile seconds); without a
-  record, conservative defaults (:data:`DEFAULT_COMPILE_S`, :data:`DEFAULT_GAIN`).
+  steady step time per token and, when compiled, the compile seconds; the fastest
+  value seen is kept, since a busy machine only ever measures slower); without a
+  record, conservative defaults (:data:`DEFAULT_COMPILE_S`, :data:`DEFAULT_GAIN`),
+  the assumed compile seconds scaled by how much slower than the default estimate
+  the eager step was measured here.
   A short run (the quickstart's 80 steps) is never compiled.
 """
 
@@ -43,17 +46,34 @@ MARGIN = 1.5
 RECORD_FILE = "tunesmith-compile.json"
 
 
+def _user_inductor_dir() -> str | None:
+    """``$TORCHINDUCTOR_CACHE_DIR`` as the user set it: torch writes its own default
+    (/tmp/torchinductor_USER) into the variable the first time inductor asks for a
+    cache, which is not a choice of the user's and must not move the cache to /tmp."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if os.path.abspath(value) == os.path.abspath(default_cache_dir()):
+            return None
+    except Exception:  # noqa: BLE001 - another torch layout: take the variable as set
+        pass
+    return value
+
+
 def inductor_cache_dir() -> Path:
     from tunesmith.core.paths import cache_dir
 
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or (cache_dir() / "inductor"))
+    return Path(_user_inductor_dir() or (cache_dir() / "inductor"))
 
 
 def configure_cache() -> Path:
     """Point inductor's persistent caches at the user cache dir; returns the folder."""
     path = inductor_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # the user's own value, or ours over torch's default
     try:
         import torch._functorch.config as fconfig
         import torch._inductor.config as iconfig
@@ -124,7 +144,9 @@ def write_record(signature: str, **values: float) -> None:
     try:
         records = read_records()
         rec = dict(records.get(signature) or {})
-        rec.update({k: round(float(v), 6) for k, v in values.items()})
+        for k, v in values.items():  # keep the fastest seen: load only ever slows a measurement down
+            v = round(float(v), 6)
+            rec[k] = min(v, float(rec[k])) if isinstance(rec.get(k), (int, float)) else v
         records[signature] = rec
         path = inductor_cache_dir()
         path.mkdir(parents=True, exist_ok=True)
@@ -152,9 +174,14 @@ def decide_compile(mode: str, *, steps: int, tokens_per_step: float, device: str
     record = record or {}
     measured = "compile_s" in record
     cost = float(record.get("compile_s", DEFAULT_COMPILE_S.get(device, 60.0)))
+    estimate = 4.0 * n_params / DEFAULT_EAGER_FLOPS.get(device, 2.0e11)  # forward + input grads of a frozen base
     eager = record.get("eager_s_per_token")
     if eager is None:
-        eager = 4.0 * n_params / DEFAULT_EAGER_FLOPS.get(device, 2.0e11)  # forward + input grads of a frozen base
+        eager = estimate
+    elif not measured and estimate > 0:
+        # a machine slower than the default estimate (a slower CPU, or one busy with other
+        # work when the step was measured) compiles slower too: scale the assumed cost alike
+        cost *= max(1.0, float(eager) / estimate)
     compiled = record.get("compiled_s_per_token")
     gain = (float(eager) - float(compiled)) if compiled is not None else DEFAULT_GAIN * float(eager)
     saving = max(steps, 0) * tokens_per_step * gain
