@@ -166,6 +166,9 @@ class TrainingSession:
         self.model: Any = None
         self.tokenizer: Any = None
         self.chat_template: dict = {}
+        #: the precision prepare_model resolved (what the base was loaded in); objectives
+        #: that build their own TrainingArguments take their precision flags from it
+        self.precision: Any = None
         self.loggers: Any = None
         self.t0 = time.time()
 
@@ -273,6 +276,7 @@ class TrainingSession:
             ctx.model = model
         self.say(describe_trainable(model, method))
         self.method, self.method_options, self.base_dir = method, options, base_dir
+        self.precision = precision
         self.model, self.tokenizer = model, tok
         return model, tok
 

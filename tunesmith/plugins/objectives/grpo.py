@@ -128,7 +128,6 @@ def run_trl_policy(
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from tunesmith.core.precision import resolve_precision
     from tunesmith.core.rewards import RewardSet, curve_summary, load_prompts, max_steps, plot_rl
     from tunesmith.core.training import SafeCheckpoints, precision_flags
 
@@ -171,7 +170,7 @@ def run_trl_policy(
         log_completions=False,
         # the session's resolved choice: where it stored the frozen base in bf16 (precision auto on a
         # bf16-capable CPU), the policy runs under bf16 autocast as SFT does, not bf16 weights without it
-        **precision_flags(resolve_precision(cfg, session.registries, model_dir=session.base_dir, quiet=True)),
+        **precision_flags(session.precision),
         **config,
     )
 
