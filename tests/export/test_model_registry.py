@@ -333,6 +333,9 @@ def test_concurrent_writers_lose_nothing(store: Store, tmp_path: Path, art: Path
     assert names.count("contested") == 1 and len(list(root.glob("lost-*"))) == workers - 1
     assert len(names) == len(set(names))
     assert all(reg.get(f"w{w}-{i}")["metrics"] == {"i": i} for w in range(workers) for i in range(n))
+    # the shared state is a read-modify-write under the back-end's lock: no writer's event is lost
+    registered = [e["version"] for e in reg.load()["events"] if e["event"] == "register"]
+    assert sorted(registered) == sorted(names)
     if store.kind == "local":
         assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
     else:  # the losers' MLflow versions were deleted again: one model version per tunesmith version
@@ -412,3 +415,50 @@ def test_pipeline_register_stage_uses_the_backend(tmp_path: Path, art: Path, mlf
         tunesmith.validate_config({"registry": {"backend": "mlflow", "tracking_urii": "x"}})
     with pytest.raises(tunesmith.core.errors.ConfigError, match="unknown registry back-end 'nosuch'"):
         tunesmith.validate_config({"registry": {"backend": "nosuch"}})
+
+
+# --------------------------------------------------------------------------- the server lock
+def test_server_lock_excludes_and_breaks_a_dead_writers_lock(mlflow_server: str) -> None:
+    """Against an ``mlflow server`` the registry lock is a registered model that one
+    writer creates: a second writer waits (and times out), and a lock left by a writer
+    that died is broken once it has stayed unchanged for ``stale_after`` seconds."""
+    import threading
+
+    from tunesmith.model_registry.mlflow_store import ServerLock, make_client
+
+    client = make_client(mlflow_server)
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    holder = ServerLock(client, name, timeout=5)
+    with holder:
+        assert client.get_registered_model(name).tags["tunesmith.lock"] == holder.owner
+        with pytest.raises(TimeoutError):
+            with ServerLock(client, name, timeout=0.5, stale_after=60):
+                pass
+    # released: the lock model is gone, and many threads take it in turn, never two at once
+    assert not client.search_registered_models(f"name='{name}'")
+    inside, peak, order = [0], [0], []
+    guard = threading.Lock()
+
+    def work(k: int) -> None:
+        with ServerLock(make_client(mlflow_server), name, timeout=60):
+            with guard:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.02)
+            order.append(k)
+            with guard:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(order) == list(range(6)) and peak[0] == 1
+    # a writer that died holding the lock (the model exists, nobody deletes it)
+    client.create_registered_model(name, tags={"tunesmith.lock": "dead-host:1"})
+    t0 = time.monotonic()
+    with ServerLock(client, name, timeout=30, stale_after=1.0) as lock:
+        waited = time.monotonic() - t0
+        assert client.get_registered_model(name).tags["tunesmith.lock"] == lock.owner
+    assert 1.0 <= waited < 30

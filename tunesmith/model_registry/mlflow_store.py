@@ -21,9 +21,13 @@ back-end's. Safety:
   auto-named version is ``v<MLflow version number>``; an explicitly named version
   that two writers register at once is kept for the first (lower number) and the
   other is deleted again and reports "already registered";
-* promotions and rollbacks are read-modify-writes under a file lock beside the
-  database when the store is a sqlite file (``<db>.tunesmith.lock``); against an
-  ``mlflow server`` each write is atomic on its own;
+* promotions, rollbacks and the shared state are read-modify-writes under a lock:
+  a file lock beside the database when the store is a sqlite file
+  (``<db>.tunesmith.lock``); against an ``mlflow server``, whose clients may be on
+  other machines, the lock is a registered model ``<name>.tunesmith-lock`` that a
+  writer creates (creation is atomic on the server: one writer wins) and deletes
+  when it is done. A lock that stays unchanged for ``stale_after`` seconds (a
+  writer that died holding it) is broken;
 * a database file that is not an MLflow database, or a ``tunesmith.*`` tag that
   is not valid JSON, is reported and never written to.
 """
@@ -35,7 +39,9 @@ import json
 import logging
 import os
 import sqlite3
-from contextlib import contextmanager, nullcontext
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote
@@ -60,6 +66,7 @@ POINTERS = ("production", "canary", "staging")
 #: MLflow's limit on a registry tag value is 100 000 characters; the event log is trimmed to stay below
 _TAG_LIMIT = 90_000
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+log = logging.getLogger(__name__)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -127,6 +134,70 @@ def make_client(tracking_uri: str, registry_uri: str | None = None, *, lock_time
     with FileLock(str(db) + ".init.lock", timeout=lock_timeout):
         client.search_registered_models(max_results=1)
     return client
+
+
+class ServerLock:
+    """A mutual-exclusion lock on an MLflow server: the registered model ``name``.
+
+    ``create_registered_model`` is atomic on the server (a unique key in its
+    database), so exactly one writer creates the lock model; the others see
+    ``RESOURCE_ALREADY_EXISTS`` and wait. Releasing deletes it. A writer that died
+    holding the lock would block everyone: a lock whose creation time stays the same
+    for ``stale_after`` seconds of this client's own clock (no clock comparison
+    between machines) is deleted and taken over.
+    """
+
+    def __init__(self, client: Any, name: str, *, timeout: float = 60.0, stale_after: float = 30.0,
+                 poll: float = 0.05) -> None:
+        self.client, self.name = client, name
+        self.timeout, self.stale_after, self.poll = timeout, stale_after, poll
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+
+    def __enter__(self) -> "ServerLock":
+        deadline = time.monotonic() + self.timeout
+        seen: tuple[Any, float] | None = None  # (creation time of the lock we wait on, when we first saw it)
+        delay = self.poll
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.name)
+            try:
+                self.client.create_registered_model(self.name, tags={"tunesmith.lock": self.owner},
+                                                    description="tunesmith registry lock (transient)")
+                return self
+            except Exception as exc:  # noqa: BLE001
+                if _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+                    # the server lost the insert to a holder, then looked the holder's lock up
+                    # after it had been released: contended, try again
+                    continue
+                if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
+                    raise
+            try:
+                stamp = self.client.get_registered_model(self.name).creation_timestamp
+            except Exception as exc:  # noqa: BLE001 - released meanwhile: try again at once
+                if _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+                    continue
+                raise
+            now = time.monotonic()
+            if seen is None or seen[0] != stamp:
+                seen = (stamp, now)
+            elif now - seen[1] > self.stale_after:
+                log.warning("registry lock %s unchanged for %.0f s (a writer died holding it): breaking it",
+                            self.name, now - seen[1])
+                self._delete()
+                seen = None
+                continue
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def __exit__(self, *exc: object) -> None:
+        self._delete()
+
+    def _delete(self) -> None:
+        try:
+            self.client.delete_registered_model(self.name)
+        except Exception as exc:  # noqa: BLE001 - broken by another writer after a stall
+            if not _is(exc, "RESOURCE_DOES_NOT_EXIST"):
+                raise
 
 
 def _is(exc: BaseException, code: str) -> bool:
@@ -280,7 +351,7 @@ class MlflowRegistry(RegistryStore):
 
     def _lock(self) -> Any:
         if self.db is None:
-            return nullcontext()
+            return ServerLock(self.client, f"{self.model_name}.tunesmith-lock", timeout=self.lock_timeout)
         from filelock import FileLock
 
         return FileLock(str(self.db) + ".tunesmith.lock", timeout=self.lock_timeout)
@@ -290,14 +361,16 @@ class MlflowRegistry(RegistryStore):
         from filelock import Timeout
 
         self.client  # connect (and create the database) before taking the lock
+        where = f"{self.db}.tunesmith.lock" if self.db is not None else \
+            f"{self.registry_uri}: registered model '{self.model_name}.tunesmith-lock'"
         try:
             with self._lock():
                 data, numbers = self._read_full()
                 before = copy.deepcopy(data)
                 yield data
                 self._write(before, data, numbers)
-        except Timeout:
-            raise RegistryError(f"{self.db}.tunesmith.lock: could not take the registry lock in {self.lock_timeout:g} s") from None
+        except (Timeout, TimeoutError):
+            raise RegistryError(f"{where}: could not take the registry lock in {self.lock_timeout:g} s") from None
 
     def _write(self, before: dict, after: dict, numbers: dict[str, int]) -> None:
         """Write what changed: entries first, then the aliases, then the shared state."""

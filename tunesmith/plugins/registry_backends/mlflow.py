@@ -23,7 +23,7 @@ class MlflowRegistryBackend:
         )
         registry_uri: str | None = Field(None, description="Model-registry store if not the tracking store ($MLFLOW_REGISTRY_URI).")
         model_name: str | None = Field(None, description="The registered model's name. Default: the registry folder's name (registry.name).")
-        lock_timeout: float = Field(60.0, gt=0, description="Seconds to wait for the promotion lock (sqlite stores).")
+        lock_timeout: float = Field(60.0, gt=0, description="Seconds to wait for the registry lock (a file lock beside a sqlite store; a lock model on an mlflow server).")
         upload_artifacts: bool | None = Field(
             None, description="Copy the artefacts into MLflow's artefact store and use runs:/ sources. "
                               "Default: yes for a server (it refuses local paths), no for a sqlite file.")
