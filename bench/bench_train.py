@@ -249,7 +249,7 @@ def profile_one_step(which: int, name: str) -> None:
             return orig(self, *a, **kw)
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             out = orig(self, *a, **kw)
         ka = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in ka)
@@ -258,6 +258,21 @@ def profile_one_step(which: int, name: str) -> None:
         print("| --- | --- | --- | --- |")
         for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]:
             print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count} |")
+        # where the matmul time goes: aten::mm by input shapes (and dtype), with the GFLOP/s each achieves
+        mm = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mm"]
+        mm_total = sum(e.self_cpu_time_total for e in mm) or 1
+        print(f"aten::mm by shape ({mm_total / 1e6:.2f} s in all):")
+        print("| shapes | self CPU s | share of mm | calls | GFLOP/s |")
+        print("| --- | --- | --- | --- | --- |")
+        for e in sorted(mm, key=lambda e: -e.self_cpu_time_total)[:10]:
+            shapes = e.input_shapes or []
+            try:
+                (m, k), (_, n) = shapes[0], shapes[1]
+                gflops = f"{2 * m * k * n * e.count / max(e.self_cpu_time_total, 1) / 1e3:.0f}"
+            except (ValueError, TypeError, IndexError):
+                gflops = "-"
+            print(f"| {shapes[:2]} | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / mm_total:.1f}% "
+                  f"| {e.count} | {gflops} |")
         sys.stdout.flush()
         return out
 
