@@ -6,6 +6,15 @@ BIN    := $(VENV)/bin
 # (e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124").
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers (each gets its share of the cores; a test file stays on one
+# worker, so session fixtures such as the Ray cluster or the MLflow server start
+# once per file's worker). PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+ifeq ($(PYTEST_WORKERS),0)
+XDIST :=
+else
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+endif
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -24,11 +33,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # everything but the end-to-end tier with the real default model
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/tunesmith run examples/quickstart.yaml
