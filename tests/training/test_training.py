@@ -204,3 +204,40 @@ def test_default_model_finetunes_and_stops(tmp_path: Path) -> None:
         assert tok.eos_token_id in seq, tok.decode(seq)  # it stopped before the token budget
         text = tok.decode(seq[: seq.index(tok.eos_token_id)])
         assert text.strip()
+
+
+def test_checkpoints_keep_added_token_rows_not_whole_embeddings(make_cfg: Any, tmp_path: Path) -> None:
+    """A template that adds tokens (llama3 on SmolLM2's vocabulary) resizes the embeddings;
+    mid-run checkpoints, like the final adapter, hold the trained rows (peft trainable
+    tokens), not both full embedding matrices - and a resume from one still ends where
+    the uninterrupted run ends."""
+    import shutil
+
+    from safetensors import safe_open
+
+    import tunesmith
+    from tunesmith.core.session import train
+
+    training = {"max_steps": 4, "save_steps": 2, "save_total_limit": 3}
+    peft = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
+    ref = train(make_cfg(name="ref", peft=peft, training=training, chat_template="llama3"), tunesmith.registry())
+    run = Path(ref["run_dir"])
+    vocab = json.loads((run / "final" / "tokenizer.json").read_text())["added_tokens"]
+    assert any(t["content"] == "<|eot_id|>" for t in vocab)
+    for d in ("checkpoint-2", "checkpoint-4"):
+        with safe_open(str(run / "checkpoints" / d / "adapter_model.safetensors"), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert any("trainable_tokens" in k for k in shapes), shapes
+        big = {k: s for k, s in shapes.items() if max(s) >= 49152}
+        assert not big, big  # no [vocab, hidden] matrix in a checkpoint
+    # a crash after checkpoint-2: resume from it
+    crashed = tmp_path / "run-crashed"
+    shutil.copytree(run, crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
+    cfg = make_cfg(name="crashed", peft=peft, training=training, chat_template="llama3")
+    res = train(cfg, tunesmith.registry(), resume=True)
+    assert res["resumed_from"] and res["steps"] == 4
+    w_ref, w_res = _weights(run / "final"), _weights(Path(res["run_dir"]) / "final")
+    assert w_ref.keys() == w_res.keys()
+    assert max((w_ref[k] - w_res[k]).abs().max().item() for k in w_ref) < 1e-6

@@ -242,6 +242,27 @@ def _module_leaf(model: Any, module: Any) -> str | None:
     return None
 
 
+def uses_trainable_tokens(model: Any) -> bool:
+    """Whether any adapter of a PeftModel trains token rows (``trainable_token_indices``)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(c, "trainable_token_indices", None) for c in configs.values())
+
+
+def adapter_save_kwargs(model: Any) -> dict:
+    """``save_pretrained`` arguments for a PeftModel.
+
+    When the run's chat template added tokens (the embeddings were resized and the new
+    rows are peft trainable tokens), peft's ``save_embedding_layers="auto"`` sees the
+    resized vocabulary and saves both full embedding matrices (input and, untied,
+    output: ~226 MB on SmolLM2-135M). The trainable tokens already hold the trained
+    rows as full values (they overwrite whatever a resize put there), so
+    ``save_embedding_layers=False`` keeps the adapter to the rows it trained; a base
+    resized to the adapter's tokenizer loads it with plain ``PeftModel.from_pretrained``.
+    The final adapter and every mid-run checkpoint are saved with these arguments.
+    """
+    return {"save_embedding_layers": False} if uses_trainable_tokens(model) else {}
+
+
 def trainable_token_indices(model: Any, ids: list[int]) -> dict[str, list[int]] | None:
     """peft's ``trainable_token_indices`` for ``ids``: the input embedding, plus the
     output head when it is not tied to it (a tied head follows the embedding)."""

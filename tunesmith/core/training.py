@@ -57,6 +57,7 @@ A PEFT method may offer ``callbacks(options, context) -> list[TrainerCallback]``
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -365,7 +366,18 @@ class SafeCheckpoints:
         state_io.save_rng_state(output_dir, self._rng_rank())
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        super()._save(output_dir, state_dict)
+        from tunesmith.core.templates import adapter_save_kwargs
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        extra = adapter_save_kwargs(model)
+        if extra:
+            # a template added tokens: the checkpoint, like the final adapter, keeps the
+            # trained rows (peft trainable tokens), not both full embedding matrices
+            model.save_pretrained = functools.partial(type(model).save_pretrained, model, **extra)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__dict__.pop("save_pretrained", None)
         out = Path(output_dir or self.args.output_dir)
         args_bin = out / "training_args.bin"  # torch.save(args): pickle
         if args_bin.exists():

@@ -5,32 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunesmith.core.templates import adapter_save_kwargs
+
 
 def target_modules(value: Any) -> Any:
     """``all-linear`` passes through (peft resolves it); a comma string becomes a list."""
     if isinstance(value, str) and value != "all-linear":
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
-
-
-def uses_trainable_tokens(model: Any) -> bool:
-    """Whether any adapter of a PeftModel trains token rows (``trainable_token_indices``)."""
-    configs = getattr(model, "peft_config", None) or {}
-    return any(getattr(c, "trainable_token_indices", None) for c in configs.values())
-
-
-def save_kwargs(model: Any) -> dict:
-    """``save_pretrained`` arguments for a PeftModel.
-
-    When the run's chat template added tokens (the embeddings were resized and the new
-    rows are peft trainable tokens), peft's ``save_embedding_layers="auto"`` sees the
-    resized vocabulary and saves both full embedding matrices (input and, untied,
-    output: ~226 MB on SmolLM2-135M). The trainable tokens already hold the trained
-    rows as full values (they overwrite whatever a resize put there), so
-    ``save_embedding_layers=False`` keeps the adapter to the rows it trained; a base
-    resized to the adapter's tokenizer loads it with plain ``PeftModel.from_pretrained``.
-    """
-    return {"save_embedding_layers": False} if uses_trainable_tokens(model) else {}
 
 
 class PeftLibraryMethod:
@@ -61,7 +43,7 @@ class PeftLibraryMethod:
         return get_peft_model(model, self.peft_config(model, options, context))
 
     def save(self, model: Any, path: str | Path) -> None:
-        model.save_pretrained(str(path), safe_serialization=True, **save_kwargs(model))
+        model.save_pretrained(str(path), safe_serialization=True, **adapter_save_kwargs(model))
 
     def load(self, model: Any, path: str | Path, options: Any = None, *, is_trainable: bool = False) -> Any:
         from peft import PeftModel
@@ -79,4 +61,4 @@ class PeftLibraryMethod:
         """The trained (adapter) tensors, as saved."""
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(model, **save_kwargs(model))
+        return get_peft_model_state_dict(model, **adapter_save_kwargs(model))
