@@ -485,8 +485,10 @@ def make_trainer_class() -> type:
                     self.tokens_seen += int(inputs["input_ids"].numel())
                 self._step_clock(model, self.tokens_seen - before)
             total = None
-            for name, plugin, options, weight in self.tunesmith_losses:
-                value, logs = plugin.compute(model, batch, options, self.run)
+            with self._attention_context(model):
+                terms = [(name, plugin, weight, *plugin.compute(model, batch, options, self.run))
+                         for name, plugin, options, weight in self.tunesmith_losses]
+            for name, plugin, weight, value, logs in terms:
                 scaled = bool(member(plugin, "losses", "scaled_for_accumulation")) and num_items_in_batch is not None
                 if model.training:
                     if scaled:
@@ -506,6 +508,16 @@ def make_trainer_class() -> type:
                 outputs = batch._outputs if batch._outputs is not None else {"loss": total.detach()}
                 return total, outputs
             return total
+
+        def _attention_context(self, model: Any) -> Any:
+            """bf16 training on a CPU: attention in fp32 (faster there, see core/precision.py)."""
+            import contextlib
+
+            if model.training and self.args.bf16 and self.args.device.type == "cpu":
+                from tunesmith.core.precision import cpu_attention_in_fp32
+
+                return cpu_attention_in_fp32()
+            return contextlib.nullcontext()
 
         # -- training.compile --------------------------------------------
         def _step_clock(self, model: Any, tokens: int) -> None:

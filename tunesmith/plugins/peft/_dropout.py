@@ -26,13 +26,23 @@ from torch import nn
 _LEVELS = 1 << 16
 
 
-def _keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
-    """Bool mask of ``shape``: True where a 16-bit uniform (as int16) is >= threshold."""
+def _uniforms16(shape: torch.Size) -> torch.Tensor:
+    """int16 tensor of ``shape``: four 16-bit uniforms from each 64-bit random word."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-    return words.view(torch.int16)[:n].view(shape) >= threshold
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _keep_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
+    """Bool mask of ``shape``: True where a 16-bit uniform (as int16) is >= threshold."""
+    return _uniforms16(shape) >= threshold
+
+
+def drop_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
+    """The complement of :func:`_keep_mask` from the same draws: True where dropped."""
+    return _uniforms16(shape) < threshold
 
 
 class _MaskedScale(torch.autograd.Function):

@@ -28,6 +28,13 @@ class LoRAOptions(BaseModel):
         description="On CPU, draw the adapter-input dropout masks as 16-bit uniforms from 64-bit random words "
         "(a quarter of the draws of nn.Dropout; p quantised to 1/65536). No effect on GPU.",
     )
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Train each adapted linear layer as one fused autograd function on CPU (base matmul, dropout, "
+        "both low-rank products and the scaled add; no fp32 copy of the activations). auto: where the frozen base "
+        "is stored in bf16 (precision auto/bf16); on: also for an fp32 base (same numbers up to rounding); off: "
+        "peft's forward. Evaluation, merged/mixed adapters and DoRA always use peft's forward.",
+    )
 
 
 class LoRA(PeftLibraryMethod):
@@ -63,7 +70,21 @@ class LoRA(PeftLibraryMethod):
             from tunesmith.plugins.peft._dropout import use_fast_dropout
 
             use_fast_dropout(model)
+        if _fuse(options.fused, model):
+            from tunesmith.plugins.peft._fused import use_fused_lora
+
+            use_fused_lora(model)
         return model
+
+
+def _fuse(mode: str, model: Any) -> bool:
+    """``fused: auto`` fuses where the frozen base is stored in 16 bits on the CPU."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    return frozen is not None and frozen.device.type == "cpu" and frozen.dtype in (torch.bfloat16, torch.float16)
 
 
 def _template_token_rows(context: Any) -> Any:

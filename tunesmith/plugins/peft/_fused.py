@@ -1,0 +1,139 @@
+"""A fused LoRA linear layer for training on a bf16-stored frozen base (CPU).
+
+peft's ``lora.Linear.forward`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``
+as separate autograd nodes: it casts ``x`` to the adapter's dtype (fp32: a full
+copy of the activations), autocast casts it back to bf16 for each of the two
+small matmuls, dropout writes a masked copy and scales it, the low-rank result is
+scaled and added to the base output (two more passes over ``[tokens, out]``).
+On a CPU whose bf16 matmuls are fast (AMX) those element-wise passes and
+per-op overheads, not the matmuls, are most of the layer's time.
+
+:class:`_LoRALinear` is one autograd function for the whole layer:
+
+* forward: ``y = x W^T (+ b)``; ``xd = x`` with the dropped elements zeroed (one
+  pass, mask from :func:`tunesmith.plugins.peft._dropout.drop_mask`: the same
+  draws as :class:`~tunesmith.plugins.peft._dropout.FastDropout`); ``h = xd A^T``;
+  ``y += s * h B^T`` in place (``addmm_``), where ``s`` is peft's scaling times
+  the dropout rescale ``1 / (1 - p)``, applied on the rank-``r`` side;
+* backward: ``dx = g W + mask(s * (g B) A)``, ``dB = s * g^T h``,
+  ``dA = s * (g B)^T xd``; the frozen base weight gets no gradient.
+
+It saves ``xd`` (compute dtype), ``h`` and the boolean drop mask for the
+backward pass, against peft's fp32 copy of ``x``, the mask and two bf16 casts.
+Matmuls run in the base weight's dtype (bf16), as under autocast; the adapter's
+parameters, their gradients and the optimiser state stay fp32.
+
+The layer falls back to peft's own forward whenever the fast path does not
+apply: evaluation (no grad), merged or disabled adapters, mixed-adapter batches
+(``adapter_names=``), several active adapters, DoRA and other variants, a LoRA
+bias, a quantised base layer, or a device other than the CPU. Saved adapters
+are unchanged (no parameters are added or renamed).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from tunesmith.plugins.peft._dropout import FastDropout, drop_mask
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, lora_a: torch.Tensor,  # type: ignore[override]
+                lora_b: torch.Tensor, scale: float, threshold: Any) -> torch.Tensor:
+        cd = weight.dtype
+        lead, n_in = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, n_in)
+        if x2.dtype != cd:
+            x2 = x2.to(cd)
+        a = lora_a.to(cd)
+        b = lora_b.to(cd)
+        y = torch.nn.functional.linear(x2, weight, bias)
+        drop = None
+        if threshold is not None:
+            drop = drop_mask(x2.shape, threshold)
+            xd = x2.masked_fill(drop, 0)
+        else:
+            xd = x2
+        h = xd @ a.t()
+        y.addmm_(h, b.t(), alpha=scale)
+        ctx.save_for_backward(xd, h, weight, a, b, drop)
+        ctx.scale = scale
+        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        xd, h, weight, a, b, drop = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1])
+        if g.dtype != weight.dtype:
+            g = g.to(weight.dtype)
+        gh = (g @ b).mul_(s)  # [tokens, r]: the scaling on the small side
+        grad_b = (g.t() @ h).mul_(s)
+        grad_a = gh.t() @ xd
+        if drop is None:
+            gx = (g @ weight).addmm_(gh, a)
+        else:
+            gx = g @ weight
+            gx.add_((gh @ a).masked_fill_(drop, 0))
+        gx = gx.view(ctx.x_shape)
+        if gx.dtype != ctx.x_dtype:
+            gx = gx.to(ctx.x_dtype)
+        da, db = ctx.param_dtypes
+        return gx, None, None, grad_a.to(da), grad_b.to(db), None, None
+
+
+def _fast_path(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """``(adapter, threshold, scale)`` when the fused path applies to this call, else None."""
+    if args or kwargs or not torch.is_grad_enabled() or not layer.training:
+        return None
+    if layer.disable_adapters or layer.merged or x.device.type != "cpu":
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    if layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
+        return None
+    drop = layer.lora_dropout[name]
+    scale = float(layer.scaling[name])
+    if isinstance(drop, FastDropout) and drop.p > 0.0:
+        return name, drop._threshold, scale * drop._scale
+    if isinstance(drop, nn.Identity) or (type(drop) is nn.Dropout and drop.p == 0.0):
+        return name, None, scale
+    return None
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    fast = _fast_path(self, x, args, kwargs)
+    if fast is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, threshold, scale = fast
+    base = self.get_base_layer()
+    return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, threshold)
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Route the training forward of every peft ``lora.Linear`` in ``model`` through
+    :class:`_LoRALinear` (per instance; peft's forward is the fallback); returns how
+    many layers were routed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and "forward" not in vars(module):
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
