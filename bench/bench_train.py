@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,8 +94,25 @@ class CountTokens:
     def compute_loss(self, model, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
         if model.training:
             mask = inputs.get("attention_mask")
-            self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            n = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.tokens += n
+            self._tick(n)
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _tick(self, n: int) -> None:
+        """Per-token step intervals after the first step, as tunesmith's StepClock measures them."""
+        now = time.perf_counter()
+        last = getattr(self, "_last", None)
+        if last is not None:
+            self._intervals = getattr(self, "_intervals", [])
+            if getattr(self, "_seen_first", False):
+                self._intervals.append((now - last[0]) / last[1])
+            self._seen_first = True
+        self._last = (now, n)
+
+    def steady_tokens_per_s(self) -> float | None:
+        iv = getattr(self, "_intervals", [])
+        return round(1.0 / statistics.median(iv), 1) if len(iv) >= 3 else None
 
 
 def counted(trainer_cls: type) -> type:
@@ -132,7 +150,7 @@ def run_tunesmith(args: argparse.Namespace, rows: list[dict], packing: object, *
     }))
     cfg = tunesmith.load_config(cfg_path)
     res = train(cfg, tunesmith.registry())
-    return {"tokens": res["tokens"], "train_s": res["runtime_s"]}
+    return {"tokens": res["tokens"], "train_s": res["runtime_s"], "steady_tokens_per_s": res.get("steady_tokens_per_s")}
 
 
 def _device_flags(args: argparse.Namespace) -> dict:
@@ -172,7 +190,7 @@ def run_trl(args: argparse.Namespace, rows: list[dict]) -> dict:
     trainer = counted(SFTTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora_config(args.r))
     t0 = time.time()
     trainer.train()
-    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2)}
+    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2), "steady_tokens_per_s": trainer.steady_tokens_per_s()}
 
 
 def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
@@ -193,7 +211,7 @@ def run_plain(args: argparse.Namespace, rows: list[dict]) -> dict:
                                data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     t0 = time.time()
     trainer.train()
-    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2)}
+    return {"tokens": trainer.tokens, "train_s": round(time.time() - t0, 2), "steady_tokens_per_s": trainer.steady_tokens_per_s()}
 
 
 def child(name: str, args: argparse.Namespace) -> None:
@@ -347,6 +365,16 @@ def main() -> None:
             ratios["auto_vs_best_plain"] = round(tps("tunesmith-auto") / max(tps("trl"), tps("transformers")), 3)
     if tps("tunesmith-auto-compiled") and tps("tunesmith"):
         ratios["auto_compiled_vs_tunesmith_fp32"] = round(tps("tunesmith-auto-compiled") / tps("tunesmith"), 3)
+
+    def steady(k: str) -> float:
+        return float(results.get(k, {}).get("steady_tokens_per_s") or 0.0)
+
+    # steps after the first (compile and warm-up excluded): what a long run approaches
+    for k in ("tunesmith-auto", "tunesmith-auto-compiled"):
+        if steady(k) and steady("tunesmith"):
+            ratios[f"{k.replace('tunesmith-', '').replace('-', '_')}_steady_vs_tunesmith_fp32_steady"] = round(steady(k) / steady("tunesmith"), 3)
+        if steady(k) and (steady("trl") or steady("transformers")):
+            ratios[f"{k.replace('tunesmith-', '').replace('-', '_')}_steady_vs_best_plain_steady"] = round(steady(k) / max(steady("trl"), steady("transformers"), 1e-9), 3)
     if tps("varied-naive"):
         for m in ("packing", "padding_free", "group_by_length"):
             if tps(f"varied-{m}"):
@@ -368,7 +396,7 @@ def main() -> None:
             if peak:
                 v["fraction_of_bf16_peak"] = round(v["model_gflops"] / peak["peak_bf16_gflops"], 4)
                 v["fraction_of_fp32_peak"] = round(v["model_gflops"] / peak["peak_fp32_gflops"], 4)
-    print("\nvariant                    real tokens/s   train s   peak RSS MB   model GFLOP/s  of bf16 peak  of fp32 peak"
+    print("\nvariant                    real tokens/s  steady tok/s   train s   peak RSS MB   model GFLOP/s  of bf16 peak  of fp32 peak"
           + ("   peak GPU MB" if gpu else ""))
     for k, v in results.items():
         if "error" in v:
@@ -376,7 +404,8 @@ def main() -> None:
         else:
             frac = f"{100 * v['fraction_of_bf16_peak']:11.1f}%" if "fraction_of_bf16_peak" in v else f"{'-':>12s}"
             frac += f"{100 * v['fraction_of_fp32_peak']:13.1f}%" if "fraction_of_fp32_peak" in v else f"{'-':>14s}"
-            print(f"{k:26s} {v['tokens_per_s']:13.1f} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f} {v['model_gflops']:15.1f} {frac}"
+            st = f"{v['steady_tokens_per_s']:13.1f}" if v.get("steady_tokens_per_s") else f"{'-':>13s}"
+            print(f"{k:26s} {v['tokens_per_s']:13.1f} {st} {v['train_s']:9.1f} {v['peak_rss_mb']:13.0f} {v['model_gflops']:15.1f} {frac}"
                   + (f" {v.get('peak_gpu_mb', 0):13.0f}" if gpu else ""))
     if peak:
         print(f"matmul peak at the model's layer shapes ({peak['threads']} threads): fp32 {peak['peak_fp32_gflops']:.0f}, "

@@ -208,6 +208,13 @@ class StepClock:
         self.per_token: list[float] = []
         self.done = False
 
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens per second of the steps after the first (which carries any compile),
+        from the median interval; None before three intervals were seen."""
+        if len(self.per_token) < 3:
+            return None
+        return 1.0 / statistics.median(self.per_token)
+
     def tick(self, tokens: int) -> None:
         now = time.perf_counter()
         if self.last is not None and self.last_tokens:

@@ -782,6 +782,14 @@ def model_info(cfg: Any, registries: Any) -> dict:
     return data
 
 
+def steady_tokens_per_s(trainer: Any) -> float | None:
+    """Tokens/s of the training steps after the first (the first carries compile and
+    warm-up); None when the run was too short to tell."""
+    clock = getattr(trainer, "_clock", None)
+    value = clock.steady_tokens_per_s() if clock else None
+    return round(value, 1) if value else None
+
+
 # --------------------------------------------------------------------------- the token objectives
 def train_on_tokens(session: Any, *, continued: bool = False) -> dict:
     """Train a token objective inside ``session``: chat/text records with completion
@@ -806,6 +814,7 @@ def train_on_tokens(session: Any, *, continued: bool = False) -> dict:
         "runtime_s": round(runtime, 2),
         "tokens": int(trainer.tokens_seen),
         "tokens_per_s": round(trainer.tokens_seen / max(runtime, 1e-9), 1),
+        "steady_tokens_per_s": steady_tokens_per_s(trainer),
         "learning_rate": float(lr),
         "examples": stats.get("examples"),
         "data": source,

@@ -91,3 +91,37 @@ def use_fast_dropout(model: nn.Module) -> int:
                 drops[name] = fast
                 replaced += 1
     return replaced
+
+
+#: up to this rate the fused LoRA layer draws the dropped positions (geometric gaps)
+#: instead of a mask of 16-bit uniforms: about ``p x n`` float draws instead of ``n / 4``
+#: 64-bit words, and the gradient zeroes ``p x n`` elements instead of a full masked pass
+GEOMETRIC_MAX_P = 0.25
+
+
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted flat indices in ``[0, n)`` dropped by i.i.d. Bernoulli(``p``) dropout.
+
+    The gaps between successive dropped elements of a Bernoulli process are
+    geometric: ``gap = floor(log(1 - U) / log(1 - p)) + 1`` for uniform ``U``, so the
+    positions are the running sum of the gaps, and only about ``p x n`` uniforms are
+    drawn (from torch's default CPU generator: seeding and RNG checkpoints apply).
+    Exact in distribution up to the float32 resolution of ``U`` (unlike
+    :class:`FastDropout`, ``p`` is not quantised).
+    """
+    import math
+
+    if n <= 0 or p <= 0.0:
+        return torch.empty(0, dtype=torch.int64)
+    log_keep = math.log1p(-p)
+    mean = n * p
+    m = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)
+    chunks: list[torch.Tensor] = []
+    end = -1
+    while end < n - 1:  # almost always once: m covers n but for a 6-sigma shortfall
+        gaps = torch.rand(m).neg_().log1p_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        pos = torch.cumsum(gaps, 0).add_(end)
+        chunks.append(pos)
+        end = int(pos[-1])
+    pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return pos[: int(torch.searchsorted(pos, n))]
