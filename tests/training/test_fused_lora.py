@@ -264,3 +264,29 @@ def test_cpu_attention_in_fp32_under_autocast(monkeypatch: pytest.MonkeyPatch) -
     assert out.dtype == torch.bfloat16
     exact, _ = before(Mod(), q.float(), q.float(), q.float(), None)
     assert (out.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-2
+
+
+def test_gradient_checkpointing_redraws_the_same_positions(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpointed blocks re-run the fused forward in backward: torch restores the CPU
+    RNG state, so the dropped positions repeat and gradients equal the run without it."""
+    import torch
+
+    from tunesmith.plugins.peft import _fused
+
+    calls = []
+    real = _fused.drop_positions
+    monkeypatch.setattr(_fused, "drop_positions", lambda n, p: (calls.append(n), real(n, p))[1])
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 6, 10, 14, 18, 22, 26, 30]])
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        calls.clear()
+        model = _lora_model(tiny_model_dir, dtype=torch.float32, dropout=0.1, fused="on")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        grads.append(_loss_and_grads(model, ids)[1])
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0]  # checkpointing re-ran the fused layers
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
