@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,23 +95,21 @@ class CountTokens:
             mask = inputs.get("attention_mask")
             n = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
             self.tokens += n
-            self._tick(n)
+            self._clock().tick(n)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _tick(self, n: int) -> None:
-        """Per-token step intervals after the first step, as tunesmith's StepClock measures them."""
-        now = time.perf_counter()
-        last = getattr(self, "_last", None)
-        if last is not None:
-            self._intervals = getattr(self, "_intervals", [])
-            if getattr(self, "_seen_first", False):
-                self._intervals.append((now - last[0]) / last[1])
-            self._seen_first = True
-        self._last = (now, n)
+    def _clock(self):  # type: ignore[no-untyped-def]
+        """tunesmith's own StepClock, so the plain baselines' steady rate is measured alike
+        (it never reaches ``need``, so it writes no compile record)."""
+        if getattr(self, "_bench_clock", None) is None:
+            from tunesmith.core.compile import StepClock
+
+            self._bench_clock = StepClock("bench-baseline", False, need=10**9)
+        return self._bench_clock
 
     def steady_tokens_per_s(self) -> float | None:
-        iv = getattr(self, "_intervals", [])
-        return round(1.0 / statistics.median(iv), 1) if len(iv) >= 3 else None
+        value = self._clock().steady_tokens_per_s()
+        return round(value, 1) if value else None
 
 
 def counted(trainer_cls: type) -> type:

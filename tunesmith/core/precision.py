@@ -293,7 +293,6 @@ def _fp32_sdpa(original: Any) -> Any:
             out, weights = original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
         return out.to(dtype), weights
 
-    attention.tunesmith_fp32_sdpa = True  # type: ignore[attr-defined]
     return attention
 
 
