@@ -290,3 +290,101 @@ def test_gradient_checkpointing_redraws_the_same_positions(tiny_model_dir: Path,
     assert counts[0] > 0 and counts[1] == 2 * counts[0]  # checkpointing re-ran the fused layers
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_traceable_positions_are_bernoulli_with_a_spare_slot() -> None:
+    """The compile-time sampler: the same geometric law as drop_positions, a fixed
+    draw count, and every entry past the end on the spare slot n."""
+    import torch
+
+    from tunesmith.plugins.peft._dropout import drop_positions_traceable
+
+    n, p = 400_000, 0.05
+    torch.manual_seed(0)
+    pos = drop_positions_traceable(n, p)
+    assert pos.numel() == (n * int(1.25 * p * 2**20)) // 2**20 + 64  # a fixed count, whatever the draws
+    inside = pos[pos < n]
+    assert bool((inside[1:] > inside[:-1]).all()) and bool((pos[inside.numel():] == n).all())
+    assert inside.numel() < pos.numel()  # the draws reached past the end
+    rate = inside.numel() / n
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.manual_seed(0)
+    assert torch.equal(drop_positions_traceable(n, p), pos)
+    for small in (1, 7, 64):  # tiny inputs too: the margin covers them
+        assert int(drop_positions_traceable(small, 0.2).max()) == small
+
+
+def test_traced_layer_is_the_reference_formula() -> None:
+    """_traced_dropped (the layer under torch.compile): y = x W^T + b + s B A xd with xd
+    the input zeroed at the traceable positions, and autograd's gradients of that."""
+    import torch
+
+    from tunesmith.plugins.peft import _fused
+    from tunesmith.plugins.peft._dropout import drop_positions_traceable
+
+    torch.manual_seed(0)
+    W, b = torch.randn(12, 24), torch.randn(12)
+    A = torch.randn(3, 24, requires_grad=True)
+    B = torch.randn(12, 3, requires_grad=True)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    g = torch.randn(2, 5, 12)
+    torch.manual_seed(7)
+    y = _fused._traced_dropped(x, W, b, A, B, 2.5, 0.2)
+    y.backward(g)
+    torch.manual_seed(7)
+    pos = drop_positions_traceable(x.numel(), 0.2)
+    keep = torch.ones(x.numel() + 1)
+    keep[pos] = 0
+    xr = x.detach().clone().requires_grad_()
+    Ar, Br = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    ref = xr @ W.t() + b + 2.5 * ((xr * keep[:-1].view_as(xr)) @ Ar.t()) @ Br.t()
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    for got, want in ((x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_compiled_fused_layer_drops_at_the_rate_without_graph_breaks() -> None:
+    """Under torch.compile(fullgraph=True) the fused layer with dropout compiles whole
+    (no graph break from the dropped positions) and drops each element with
+    probability p: with W = 0 and A, B the identity, y = s x with the dropped elements zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from tunesmith.plugins.peft import _fused
+    from tunesmith.plugins.peft._dropout import use_fast_dropout
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(32, 32, bias=False)
+
+        def forward(self, x: Any) -> Any:
+            return self.lin(x)
+
+    torch._dynamo.reset()
+    p = 0.1
+    model = get_peft_model(One(), LoraConfig(r=32, lora_alpha=32, lora_dropout=p, target_modules=["lin"]))
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A["default"].weight.copy_(torch.eye(32))
+        layer.lora_B["default"].weight.copy_(torch.eye(32))
+    use_fast_dropout(model)
+    assert _fused.use_fused_lora(model) == 1
+    model.train()
+    step = torch.compile(model, fullgraph=True, dynamic=True)
+    x = torch.rand(2000, 32) + 1.0  # never zero itself
+    torch.manual_seed(3)
+    y = step(x.requires_grad_())
+    zero = y.detach() == 0
+    n = zero.numel()
+    assert abs(zero.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    torch.testing.assert_close(y.detach()[~zero], (x.detach() / (1 - p))[~zero])
+    y.sum().backward()  # the dropped elements get no gradient through the adapter (W = 0)
+    torch.testing.assert_close(x.grad[zero], torch.zeros(int(zero.sum())))
+    torch.testing.assert_close(x.grad[~zero], torch.full((n - int(zero.sum()),), 1 / (1 - p)))
+    torch.manual_seed(3)
+    assert torch.equal(step(x.detach()) == 0, zero)  # seeded: the same draws
+    torch._dynamo.reset()

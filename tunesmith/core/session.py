@@ -247,7 +247,7 @@ class TrainingSession:
         base_dir = resolve_model_dir(cfg, self.registries)
         quantization_config = member(method, "peft_methods", "quantization_config")
         quant = quantization_config(options) if quantization_config is not None else None
-        from tunesmith.core.precision import cast_trainable_fp32, resolve_precision
+        from tunesmith.core.precision import cast_trainable_fp32, env_flag, resolve_precision
 
         precision = resolve_precision(cfg, self.registries, model_dir=base_dir)
         dtype = cfg.model.dtype
@@ -272,6 +272,10 @@ class TrainingSession:
             model = method.apply(model, options, ctx)
         if precision.store_base_bf16:
             cast_trainable_fp32(model)
+            if precision.device == "cpu" and env_flag("TUNESMITH_CPU_OPS") is not False:
+                from tunesmith.core.cpu_ops import use_cpu_training_ops
+
+                use_cpu_training_ops(model)  # one-node RMSNorm and SwiGLU for the eager bf16 step
         if ctx is not None:
             ctx.model = model
         self.say(describe_trainable(model, method))

@@ -125,3 +125,22 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
         end = int(pos[-1])
     pos = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return pos[: int(torch.searchsorted(pos, n))]
+
+
+def drop_positions_traceable(n: Any, p: float) -> torch.Tensor:
+    """:func:`drop_positions` for torch.compile: a fixed number of draws, no data-dependent size.
+
+    ``m = 1.25 n p + 64`` gaps are drawn (at least 8 standard deviations above the
+    expected count of dropped elements) and their running sum is clamped to ``n``:
+    every entry ``< n`` is a dropped position (the same geometric gaps, so the same
+    i.i.d. Bernoulli(``p``) law), and the entries past the end all read ``n``, a
+    spare slot the caller allocates and ignores. Only the count is not data-dependent,
+    so inductor compiles it (with its own generator, seeded from torch's global one:
+    seeded runs repeat). If the gaps fell short of ``n`` (beyond 8 sigma: below 1e-15)
+    the tail would keep its values.
+    """
+    import math
+
+    m = (n * int(1.25 * p * 2**20)) // 2**20 + 64
+    gaps = torch.rand(m).neg_().log1p_().div_(math.log1p(-p)).to(torch.int64).add_(1)
+    return torch.cumsum(gaps, 0).sub_(1).clamp_(max=n)

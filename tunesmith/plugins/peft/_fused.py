@@ -16,11 +16,19 @@ per-op overheads, not the matmuls, are most of the layer's time.
   Up to ``p = 0.25`` (:data:`~tunesmith.plugins.peft._dropout.GEOMETRIC_MAX_P`) the
   dropped elements are drawn as positions
   (:func:`~tunesmith.plugins.peft._dropout.drop_positions`: geometric gaps, about
-  ``p x n`` uniforms, ``p`` exact) and only those are zeroed; above it, and under
-  torch.compile (whose generated code fuses a mask better than a data-dependent
-  count), a mask of 16-bit uniforms as :class:`~tunesmith.plugins.peft._dropout.FastDropout`;
-* backward: ``dx = g W + mask(s * (g B) A)``, ``dB = s * g^T h``,
+  ``p x n`` uniforms, ``p`` exact) and only those are zeroed; above it, a mask of
+  16-bit uniforms as :class:`~tunesmith.plugins.peft._dropout.FastDropout`;
+* backward: ``dx = mask(s * (g B) A) + g W`` (the base product accumulates into
+  the masked low-rank one: ``addmm_``, no separate add), ``dB = s * g^T h``,
   ``dA = s * (g B)^T xd``; the frozen base weight gets no gradient.
+
+Under torch.compile (``training.compile``) the layer is traced instead
+(:func:`_traced_dropped`): the positions come from a fixed number of geometric
+gaps (:func:`~tunesmith.plugins.peft._dropout.drop_positions_traceable`, no
+data-dependent size, so no graph break), and inductor fuses the draws and the
+zeroing into the block's code. Measured on the default model (AMX, 2 threads,
+20 steps, dropout 0.05): compiled steady 408 tokens/s against 350 with the
+16-bit mask under compile and 506 with no dropout at all.
 
 It saves ``xd`` (compute dtype), ``h`` and the dropped positions (or the mask)
 for the backward pass, against peft's fp32 copy of ``x``, the mask and two bf16 casts.
@@ -46,7 +54,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunesmith.plugins.peft._dropout import GEOMETRIC_MAX_P, FastDropout, drop_mask, drop_positions
+from tunesmith.plugins.peft._dropout import (
+    GEOMETRIC_MAX_P,
+    FastDropout,
+    drop_mask,
+    drop_positions,
+    drop_positions_traceable,
+)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -92,18 +106,35 @@ class _LoRALinear(torch.autograd.Function):
         grad_a = gh.t() @ xd
         if drop is None:
             gx = (g @ weight).addmm_(gh, a)
-        elif drop.dtype == torch.bool:
-            gx = g @ weight
-            gx.add_((gh @ a).masked_fill_(drop, 0))
-        else:
+        else:  # the dropped elements' gradient is zero; the base product accumulates into it
             gxd = gh @ a
-            gxd.view(-1).index_fill_(0, drop, 0)
-            gx = (g @ weight).add_(gxd)
+            if drop.dtype == torch.bool:
+                gxd.masked_fill_(drop, 0)
+            else:
+                gxd.view(-1).index_fill_(0, drop, 0)
+            gx = gxd.addmm_(g, weight)
         gx = gx.view(ctx.x_shape)
         if gx.dtype != ctx.x_dtype:
             gx = gx.to(ctx.x_dtype)
         da, db = ctx.param_dtypes
         return gx, None, None, grad_a.to(da), grad_b.to(db), None, None, None
+
+
+def _traced_dropped(x: torch.Tensor, weight: torch.Tensor, bias: Any, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    scale: float, p: float) -> torch.Tensor:
+    """The layer with geometric dropout as plain differentiable ops, for torch.compile:
+    inductor fuses the draws, the spare-slot copy and the zeroing into the block's
+    generated code and derives the backward (the dropped elements get no gradient)."""
+    cd = weight.dtype
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in).to(cd)
+    n = x2.numel()
+    buf = torch.nn.functional.pad(x2.reshape(-1), (0, 1))  # slot n takes the positions past the end
+    buf.index_fill_(0, drop_positions_traceable(n, p), 0)
+    xd = buf[:n].view(x2.shape)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    y = torch.addmm(y, xd @ lora_a.to(cd).t(), lora_b.to(cd).t(), alpha=scale)
+    return y.view(*lead, y.shape[-1])
 
 
 def _fast_path(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
@@ -126,9 +157,9 @@ def _fast_path(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
     drop = layer.lora_dropout[name]
     scale = float(layer.scaling[name])
     if isinstance(drop, FastDropout) and drop.p > 0.0:
-        # positions have a data-dependent count: under torch.compile the mask (which
-        # inductor generates and fuses) is the faster choice
-        if drop.p <= GEOMETRIC_MAX_P and not torch.compiler.is_compiling():
+        # the dropped positions (under torch.compile: a fixed number of draws, see
+        # _traced_dropped); above GEOMETRIC_MAX_P the 16-bit mask of FastDropout
+        if drop.p <= GEOMETRIC_MAX_P:
             return name, None, scale / (1.0 - drop.p), drop.p
         return name, drop._threshold, scale * drop._scale, 0.0
     if isinstance(drop, nn.Identity) or (type(drop) is nn.Dropout and drop.p == 0.0):
@@ -142,6 +173,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     name, threshold, scale, p = fast
     base = self.get_base_layer()
+    if p > 0.0 and torch.compiler.is_compiling():
+        return _traced_dropped(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, p)
     return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, threshold, p)
 
 
