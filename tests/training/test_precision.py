@@ -280,20 +280,3 @@ def test_grpo_on_a_bf16_cpu_runs_under_autocast(tmp_path: Path, monkeypatch: Any
     bf16_args, autocast, frozen, trained = seen[0]
     assert frozen == {torch.bfloat16} and trained == {torch.float32}  # the base (TRL's frozen 'ref' adapter aside)
     assert bf16_args and autocast
-
-
-def test_cpu_blocks_compile_with_the_cpp_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU the compiled blocks use inductor's C++ wrapper (no Python launch
-    overhead per kernel); TUNESMITH_CPP_WRAPPER=0 keeps the Python one."""
-    from torch import nn
-
-    from tunesmith.core.compile import compile_options
-
-    model = nn.Linear(4, 4)
-    monkeypatch.delenv("TUNESMITH_CPP_WRAPPER", raising=False)
-    assert compile_options(model) == {"cpp_wrapper": True}
-    monkeypatch.setenv("TUNESMITH_CPP_WRAPPER", "0")
-    assert compile_options(model) == {}
-    assert compile_options(nn.Module()) == {}  # no parameters: nothing to decide on, the env still wins
-    monkeypatch.delenv("TUNESMITH_CPP_WRAPPER")
-    assert compile_options(nn.Module()) == {"cpp_wrapper": True}

@@ -99,38 +99,15 @@ def repeated_blocks(model: Any) -> list[Any]:
     return best
 
 
-def compile_options(model: Any) -> dict:
-    """Inductor options for the blocks: on a CPU the C++ wrapper (``cpp_wrapper``).
-
-    A compiled block's generated Python wrapper launches each of its kernels and
-    extern matmuls from Python; with a LoRA layer on every linear that is ~100
-    launches per block, and the wrapper's own time was 12% of a compiled bf16
-    step on the default model. The C++ wrapper removes it: steady 401 -> 435-457
-    tokens/s (AMX, 2 threads, dropout 0.05), for a longer cold compile (the
-    wrapper is C++ too; cached like the kernels). ``TUNESMITH_CPP_WRAPPER=0``
-    keeps the Python wrapper.
-    """
-    from tunesmith.core.precision import env_flag
-
-    try:
-        device = next(model.parameters()).device.type
-    except StopIteration:
-        device = "cpu"
-    if device == "cpu" and env_flag("TUNESMITH_CPP_WRAPPER") is not False:
-        return {"cpp_wrapper": True}
-    return {}
-
-
 def compile_blocks(model: Any) -> int:
     """Compile the repeated blocks in place (dynamic shapes); returns how many."""
     configure_cache()
     blocks = repeated_blocks(model)
-    options = compile_options(model) or None
     n = 0
     for block in blocks:
         if getattr(block, "_tunesmith_compiled", False):
             continue
-        block.compile(dynamic=True, options=options)
+        block.compile(dynamic=True)
         block._tunesmith_compiled = True
         n += 1
     return n
