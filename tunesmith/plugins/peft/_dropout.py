@@ -127,7 +127,7 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     return pos[: int(torch.searchsorted(pos, n))]
 
 
-def drop_positions_traceable(n: Any, p: float) -> torch.Tensor:
+def drop_positions_traceable(n: Any, p: float, rate16: int | None = None) -> torch.Tensor:
     """:func:`drop_positions` for torch.compile: a fixed number of draws, no data-dependent size.
 
     ``m = 1.25 n p + 64`` gaps are drawn (at least 8 standard deviations above the
@@ -141,6 +141,9 @@ def drop_positions_traceable(n: Any, p: float) -> torch.Tensor:
     """
     import math
 
-    m = (n * int(1.25 * p * 2**20)) // 2**20 + 64
+    # 1.25 p in units of 2**-20; ``rate16`` (p in units of 2**-16, an int attribute of
+    # FastDropout) keeps the count free of a symbolic float under torch.compile
+    per = rate16 * 20 if rate16 is not None else int(1.25 * p * 2**20)
+    m = (n * per) // 2**20 + 64
     gaps = torch.rand(m).neg_().log1p_().div_(math.log1p(-p)).to(torch.int64).add_(1)
     return torch.cumsum(gaps, 0).sub_(1).clamp_(max=n)

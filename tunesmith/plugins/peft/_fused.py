@@ -25,8 +25,9 @@ per-op overheads, not the matmuls, are most of the layer's time.
 Under torch.compile (``training.compile``) the layer is traced instead
 (:func:`_traced_dropped`): the positions come from a fixed number of geometric
 gaps (:func:`~tunesmith.plugins.peft._dropout.drop_positions_traceable`, no
-data-dependent size, so no graph break), and inductor fuses the draws and the
-zeroing into the block's code. Measured on the default model (AMX, 2 threads,
+data-dependent size, so no graph break), inductor fuses the draws and the
+zeroing into the block's code, and the backward zeroes the dropped gradient in
+place (:func:`_zero_at`: a fixed-size scatter, no padded copies). Measured on the default model (AMX, 2 threads,
 20 steps, dropout 0.05): compiled steady 408 tokens/s against 350 with the
 16-bit mask under compile and 506 with no dropout at all.
 
@@ -120,20 +121,64 @@ class _LoRALinear(torch.autograd.Function):
         return gx, None, None, grad_a.to(da), grad_b.to(db), None, None, None
 
 
+def _zero_at(flat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Zero ``flat`` (1-D, ``n`` elements) in place at ``pos`` (sorted, entries ``== n``
+    past the end, as :func:`~tunesmith.plugins.peft._dropout.drop_positions_traceable`
+    gives them), with a fixed-size scatter: the entries past the end are sent to the
+    last element and all write the value it must end with (0 if it is dropped, else
+    its own), so the writes agree whatever their order."""
+    n = flat.numel()
+    last = flat[n - 1:].clone()
+    last.masked_fill_((pos == n - 1).any().view(1), 0)
+    values = torch.where(pos < n, flat.new_zeros(()), last)
+    return flat.index_put_((pos.clamp(max=n - 1),), values)
+
+
+class _TracedDropped(torch.autograd.Function):
+    """The layer with geometric dropout for torch.compile (see :func:`_traced_dropped`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor, bias: Any, lora_a: torch.Tensor,  # type: ignore[override]
+                lora_b: torch.Tensor, scale: float, pos: torch.Tensor) -> torch.Tensor:
+        cd = weight.dtype
+        xd = x2.clone()
+        _zero_at(xd.view(-1), pos)
+        a, b = lora_a.to(cd), lora_b.to(cd)
+        h = xd @ a.t()
+        y = torch.addmm(torch.nn.functional.linear(x2, weight, bias), h, b.t(), alpha=scale)
+        ctx.save_for_backward(xd, h, weight, a, b, pos)
+        ctx.scale = scale
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        xd, h, weight, a, b, pos = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.to(weight.dtype)
+        gh = (g @ b).mul_(s)
+        grad_b = (g.t() @ h).mul_(s)
+        grad_a = gh.t() @ xd
+        gxd = gh @ a
+        _zero_at(gxd.view(-1), pos)
+        gx = torch.addmm(gxd, g, weight)
+        da, db = ctx.param_dtypes
+        return gx.to(grad.dtype), None, None, grad_a.to(da), grad_b.to(db), None, None
+
+
 def _traced_dropped(x: torch.Tensor, weight: torch.Tensor, bias: Any, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                    scale: float, p: float) -> torch.Tensor:
-    """The layer with geometric dropout as plain differentiable ops, for torch.compile:
-    inductor fuses the draws, the spare-slot copy and the zeroing into the block's
-    generated code and derives the backward (the dropped elements get no gradient)."""
+                    scale: float, p: float, rate16: int | None = None) -> torch.Tensor:
+    """The layer with geometric dropout for torch.compile: a fixed number of draws
+    (no data-dependent size, no graph break); inductor fuses the draws and the
+    zeroing into the block's generated code, and the backward zeroes the dropped
+    elements' gradient in place on the low-rank product before the base one is
+    added (no padded copies)."""
     cd = weight.dtype
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in).to(cd)
-    n = x2.numel()
-    buf = torch.nn.functional.pad(x2.reshape(-1), (0, 1))  # slot n takes the positions past the end
-    buf.index_fill_(0, drop_positions_traceable(n, p), 0)
-    xd = buf[:n].view(x2.shape)
-    y = torch.nn.functional.linear(x2, weight, bias)
-    y = torch.addmm(y, xd @ lora_a.to(cd).t(), lora_b.to(cd).t(), alpha=scale)
+    # drawn outside the autograd.Function: inside it dynamo lifts p as a symbolic float
+    pos = drop_positions_traceable(x2.numel(), p, rate16)
+    y = _TracedDropped.apply(x2, weight, bias, lora_a, lora_b, scale, pos)
     return y.view(*lead, y.shape[-1])
 
 
@@ -174,7 +219,9 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     name, threshold, scale, p = fast
     base = self.get_base_layer()
     if p > 0.0 and torch.compiler.is_compiling():
-        return _traced_dropped(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, p)
+        rate16 = self.lora_dropout[name]._threshold + (1 << 15)  # p in units of 2**-16, an int
+        return _traced_dropped(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, p,
+                               rate16)
     return _LoRALinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale, threshold, p)
 
 
