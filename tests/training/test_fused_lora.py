@@ -294,7 +294,7 @@ def test_gradient_checkpointing_redraws_the_same_positions(tiny_model_dir: Path,
 
 def test_traceable_positions_are_bernoulli_with_a_spare_slot() -> None:
     """The compile-time sampler: the same geometric law as drop_positions, a fixed
-    draw count, and every entry past the end on the spare slot n."""
+    draw count, and every entry past the end equal to n."""
     import torch
 
     from tunesmith.plugins.peft._dropout import drop_positions_traceable

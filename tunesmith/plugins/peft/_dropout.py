@@ -133,8 +133,8 @@ def drop_positions_traceable(n: Any, p: float, rate16: int | None = None) -> tor
     ``m = 1.25 n p + 64`` gaps are drawn (at least 8 standard deviations above the
     expected count of dropped elements) and their running sum is clamped to ``n``:
     every entry ``< n`` is a dropped position (the same geometric gaps, so the same
-    i.i.d. Bernoulli(``p``) law), and the entries past the end all read ``n``, a
-    spare slot the caller allocates and ignores. Only the count is not data-dependent,
+    i.i.d. Bernoulli(``p``) law), and the entries past the end all read ``n``, which
+    the caller ignores (the fused layer's ``_zero_at``). Only the count is not data-dependent,
     so inductor compiles it (with its own generator, seeded from torch's global one:
     seeded runs repeat). If the gaps fell short of ``n`` (beyond 8 sigma: below 1e-15)
     the tail would keep its values.
