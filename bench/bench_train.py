@@ -8,7 +8,8 @@ three; real (non-padding) tokens per second and peak RSS for each, and the ratio
 (``precision: auto`` - bf16 compute with the frozen base stored in bf16 where the
 hardware multiplies bf16 natively - and ``compile: auto``);
 ``tunesmith-auto-compiled`` (``--only``) forces ``compile: on``, compile time
-included; ``tunesmith-bf16`` (``--only``) forces ``precision: bf16`` whatever the
+included; ``tunesmith-compiled`` (``--only``) the fp32 path with ``compile: on``;
+``tunesmith-bf16`` (``--only``) forces ``precision: bf16`` whatever the
 hardware (on a CPU without native bf16 it shows what emulated bf16 costs).
 ``--profile-step N`` prints the torch profiler's top ops (self CPU time) of
 training step N of each variant. For each variant the table prints achieved model FLOP/s and its fraction
@@ -231,6 +232,8 @@ def child(name: str, args: argparse.Namespace) -> None:
         out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="auto")
     elif name == "tunesmith-bf16":  # bf16 forced (frozen base stored in bf16), whatever the hardware
         out = run_tunesmith(args, padded_rows, False, precision="bf16", compile_mode="off")
+    elif name == "tunesmith-compiled":  # today's fp32 path with compile on (compile time included)
+        out = run_tunesmith(args, padded_rows, False, compile_mode="on")
     elif name == "tunesmith-auto-compiled":  # precision auto and compile on (compile time included)
         out = run_tunesmith(args, padded_rows, False, precision="auto", compile_mode="on")
     elif name == "trl":
